@@ -1,0 +1,35 @@
+"""dblocks: DiffusionBlocks (Shing, Koyama, Akiba, ICLR 2026) in pure PyTorch.
+
+Reading order: noise -> precond -> loss -> sampling -> models.dit -> plan -> trainer.
+"""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import (
+    BlocksConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    NoiseConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from .data import BatchStream, load_digits_split
+from .loss import weighted_ce, weighted_l2
+from .models.dit import DIT_SIZES, DiTBlock, DiTConfig, dit_config, dit_loss
+from .noise import (
+    block_range,
+    inference_sigmas,
+    karras_sigmas,
+    partition_sigmas,
+    route,
+    sample_sigmas,
+    widen_range,
+)
+from .plan import BlockSpec, make_plan, plan_boundaries, plan_hash
+from .precond import denoise, edm_scalings, loss_weight
+from .sampling import BlockRouter, classifier_free_guidance, euler_step, sample_euler
+from .seeds import block_seed, derive_seed, seeded
+from .trainer import BlockTrainer
+
+__all__ = [name for name in dir() if not name.startswith("_")]

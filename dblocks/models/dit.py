@@ -1,0 +1,183 @@
+"""Class-conditional DiT (Peebles & Xie 2023) cut into independent DiffusionBlocks blocks.
+
+One ``DiTBlock`` is one block of the paper's Sec. 4.2: its own patch embedding, its own
+sigma (c_noise) and label embedders, L/B adaLN-Zero transformer layers, and its own final
+layer + unpatchify. No parameter is shared between blocks (design.md Sec. 2.1), so a block
+can train alone on its own worker. With B=1 and L layers, the same class is the end-to-end
+baseline.
+
+The network here is the raw F of EDM; :func:`dblocks.precond.denoise` wraps it into D.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..loss import weighted_l2
+from ..precond import denoise
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    image_size: int = 8
+    channels: int = 1
+    patch: int = 2
+    width: int = 64
+    heads: int = 4
+    layers: int = 6  # total depth L of the whole model; a block holds layers // B of them
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    freq_dim: int = 64  # sinusoidal features of c_noise fed to the sigma embedder
+    label_dropout: float = 0.1  # for classifier-free guidance
+
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise ValueError(f"model.layers={self.layers}: must be >= 1")
+        if self.image_size % self.patch:
+            raise ValueError(f"model.patch={self.patch}: must divide the image size {self.image_size}")
+        if self.width % self.heads:
+            raise ValueError(f"model.heads={self.heads}: must divide model.width={self.width}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"model.label_dropout={self.label_dropout}: must be in [0, 1)")
+
+
+# Size registry (as DiT's ``DiT_models``). ``debug`` trains in seconds; ``small`` is the benchmark size.
+DIT_SIZES: dict[str, DiTConfig] = {
+    "debug": DiTConfig(width=32, heads=2, layers=6, freq_dim=32),
+    "tiny": DiTConfig(width=64, heads=4, layers=6),
+    "small": DiTConfig(width=128, heads=4, layers=12),
+}
+
+
+def dit_config(size: str, **overrides) -> DiTConfig:
+    """The registered size, with non-None overrides (e.g. ``layers=12``)."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"model.size={size!r}: unknown size, choose one of {', '.join(DIT_SIZES)}")
+    return replace(DIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def sincos_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, width) (not trainable)."""
+    pos = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(pos, pos, indexing="ij")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    parts = []
+    for coord in (yy.flatten(), xx.flatten()):
+        ang = coord[:, None] * omega[None]
+        parts += [ang.sin(), ang.cos()]
+    emb = torch.cat(parts, dim=1)
+    return F.pad(emb, (0, width - emb.shape[1])).float()
+
+
+def fourier_features(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of c_noise = ln(sigma)/4, (N,) -> (N, dim) (DiT's TimestepEmbedder)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c_noise.device) / half)
+    # c_noise spans about [-1.6, 1.1]; scale so the low frequencies resolve it.
+    ang = (250.0 * c_noise.float())[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTLayer(nn.Module):
+    """One adaLN-Zero transformer layer."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape  # (N, T, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        q, k, v = self.qkv(h).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
+        x = x + gate1[:, None] * self.proj(a.transpose(1, 2).reshape(n, t, d))
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class DiTBlock(nn.Module):
+    """One DiffusionBlocks block: F(c_in z, c_noise, label) -> image-shaped output."""
+
+    def __init__(self, cfg: DiTConfig, num_layers: int):
+        super().__init__()
+        self.cfg = cfg
+        p, d = cfg.patch, cfg.width
+        self.grid = cfg.image_size // p
+        self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", sincos_pos_embed(d, self.grid), persistent=False)
+        self.sigma_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, d)  # index num_classes = "no label"
+        self.layers = nn.ModuleList(DiTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.head = nn.Linear(d, p * p * cfg.channels)
+        self._init_weights()
+
+    @property
+    def null_label(self) -> int:
+        return self.cfg.num_classes
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.label_embed.weight, std=0.02)
+        for lin in (self.sigma_embed[0], self.sigma_embed[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-Zero: every residual branch and the head start at zero.
+        for layer in self.layers:
+            nn.init.zeros_(layer.ada[1].weight)
+            nn.init.zeros_(layer.ada[1].bias)
+        for lin in (self.final_ada[1], self.head):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, ch, hw, _ = x.shape  # (N, C, H, W)
+        p, g = self.cfg.patch, self.grid
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        c = self.sigma_embed(fourier_features(c_noise, self.cfg.freq_dim)) + self.label_embed(labels)  # (N, D)
+        for layer in self.layers:
+            h = layer(h, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        out = self.head(modulate(self.final_norm(h), shift, scale))  # (N, T, p*p*C)
+        out = out.reshape(n, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
+        return out.reshape(n, ch, hw, hw)
+
+
+def dit_loss(
+    net: DiTBlock,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    sigma: torch.Tensor,
+    generator: torch.Generator,
+    sigma_data: float = 0.5,
+) -> torch.Tensor:
+    """Per-sample Eq. 6 loss for one block: noise the image, drop labels for CFG, weighted L2."""
+    images, labels = batch
+    eps = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    z = images + sigma.reshape(-1, 1, 1, 1) * eps
+    drop = torch.rand(labels.shape, generator=generator) < net.cfg.label_dropout
+    labels = torch.where(drop, torch.full_like(labels, net.null_label), labels)
+    return weighted_l2(denoise(net, z, sigma, labels, sigma_data=sigma_data), images, sigma, sigma_data)

@@ -1,0 +1,115 @@
+"""The single-block trainer: one block, trained alone on the paper's Eq. 6.
+
+A plain class a ``for`` loop can drive (the worker wraps it). It owns the block, AdamW with
+gradient clipping, an EMA copy, the step/sample counters and its own ``torch.Generator``, so
+a step is exactly reproducible and ``state_dict``/``load_state_dict`` resume bit-exactly.
+Only this block's parameters, gradients and optimizer state exist here: ~1/B of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .config import NoiseConfig, TrainConfig
+from .noise import sample_sigmas
+from .plan import BlockSpec
+from .seeds import block_seed, seeded  # noqa: F401  (re-exported)
+
+# loss_fn(net, batch, sigma, generator, sigma_data) -> per-sample loss (N,)
+LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator, float], torch.Tensor]
+
+
+class BlockTrainer:
+    def __init__(
+        self,
+        net: nn.Module,
+        spec: BlockSpec,
+        loss_fn: LossFn,
+        train: TrainConfig,
+        noise: NoiseConfig,
+        seed: int,
+    ):
+        self.net, self.spec, self.loss_fn, self.train, self.noise = net, spec, loss_fn, train, noise
+        self.ema = copy.deepcopy(net).requires_grad_(False)
+        self.opt = torch.optim.AdamW(
+            net.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(block_seed(seed, spec.index))
+        self.step_count = 0
+        self.samples = 0
+
+    def lr_at(self, samples: int) -> float:
+        """Linear warm-up over ``warmup_samples``, then constant."""
+        if self.train.warmup_samples <= 0:
+            return self.train.lr
+        return self.train.lr * min(1.0, (samples + 1) / self.train.warmup_samples)
+
+    def ema_beta(self, batch: int) -> float:
+        """Per-step EMA decay from a half-life in samples, ramped up early on (EDM's ema_rampup)."""
+        halflife = min(self.train.ema_halflife_samples, self.samples * self.train.ema_rampup)
+        return 0.5 ** (batch / max(halflife, 1e-8))
+
+    def step(self, batch: tuple) -> dict[str, float]:
+        """One optimizer step on ``batch`` with sigma drawn from this block's (widened) range."""
+        n = batch[0].shape[0]
+        sigma = sample_sigmas(
+            n,
+            self.spec.train_lo,
+            self.spec.train_hi,
+            p_mean=self.noise.p_mean,
+            p_std=self.noise.p_std,
+            generator=self.generator,
+        )
+        lr = self.lr_at(self.samples)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.net.train()
+        loss = self.loss_fn(self.net, batch, sigma, self.generator, self.noise.sigma_data).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.train.grad_clip)
+        self.opt.step()
+        self.step_count += 1
+        self.samples += n
+        self._update_ema(n)
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    @torch.no_grad()
+    def _update_ema(self, batch: int) -> None:
+        beta = self.ema_beta(batch)
+        for e, p in zip(self.ema.parameters(), self.net.parameters()):
+            e.lerp_(p, 1.0 - beta)
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata): everything needed to continue bit-exactly, with no pickled object."""
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        opt = self.opt.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value)
+        tensors["rng"] = self.generator.get_state()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        meta = {"step": self.step_count, "samples": self.samples, "block": self.spec.index, "param_groups": groups}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("block") != self.spec.index:
+            raise ValueError(f"checkpoint is for block {meta.get('block')}, this trainer trains block {self.spec.index}")
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        template = self.opt.state_dict()
+        groups = [{**g, "params": t["params"]} for g, t in zip(meta["param_groups"], template["param_groups"])]
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        self.generator.set_state(tensors["rng"])
+        self.step_count, self.samples = meta["step"], meta["samples"]

@@ -1,0 +1,24 @@
+"""Shared fixtures for the unit tests (no services, CPU only, debug model size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dblocks
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def debug_cfg() -> dblocks.DiTConfig:
+    return dblocks.dit_config("debug")
+
+
+@pytest.fixture
+def image_batch():
+    """A fixed tiny batch shaped like the digits data: (8, 1, 8, 8) in [-1, 1], labels 0..9."""
+    g = torch.Generator().manual_seed(1234)
+    images = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
+    labels = torch.arange(8) % 10
+    return images, labels
