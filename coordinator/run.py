@@ -73,7 +73,9 @@ def run(cfg: RunConfig) -> dict:
     results = {}
     for name, nets in trained.items():
         results[name] = evaluate(nets, models[name][0], data, classifier, cfg.sample, cfg.noise, ranges=ranges, seed=cfg.seed)
-        grid = save_grid(results[name]["samples"], models[name][1] / "samples.png", columns=cfg.sample.per_class)
+        shown = min(cfg.sample.per_class, 10)  # a 10 x 10 grid: row = digit
+        per_class = results[name]["samples"].reshape(10, cfg.sample.per_class, 1, 8, 8)[:, :shown]
+        grid = save_grid(per_class.flatten(0, 1), models[name][1] / "samples.png", columns=shown)
         log.info("%s: sample grid %s", name, grid)
     print(f"\nguidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, {cfg.train.steps} steps per block; "
           f"classifier accuracy on real test images {clf_acc:.1%}")  # fmt: skip

@@ -1,0 +1,37 @@
+# Quick start:  make run   (venv + install + the main job)      make test   (venv + install + tests)
+PY    ?= $(shell command -v python3.11 || command -v python3)
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+# CPU machines take the CPU build of torch that pip finds locally; on a CUDA machine use
+# `make run TORCH=torch` (or any spec) to keep / get a CUDA build.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ARGS  ?=
+
+.PHONY: install run debug test bench bench-quick clean
+
+$(STAMP): pyproject.toml requirements-pins.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -r requirements-pins.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install                      ## B=3 DiffusionBlocks + end-to-end baseline on digits
+	$(BIN)/python -m coordinator experiment=dit_digits $(ARGS)
+
+debug: install                    ## the < 1 minute smoke run
+	$(BIN)/python -m coordinator experiment=debug $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python bench/memory.py
+
+bench-quick: install
+	$(BIN)/python bench/memory.py --quick --out /tmp/dblocks-bench-quick
+
+clean:
+	rm -rf outputs .pytest_cache
