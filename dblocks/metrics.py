@@ -83,7 +83,7 @@ class DigitsClassifier(nn.Module):
 
 
 def train_digits_classifier(
-    images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 30, batch_size: int = 64
+    images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 12, batch_size: int = 64
 ) -> DigitsClassifier:
     """Deterministic training (fixed seed for init, batches and augmentation noise).
 

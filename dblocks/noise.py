@@ -102,8 +102,8 @@ def widen_range(
     if gamma < 0:
         raise ValueError(f"blocks.gamma={gamma}: must be >= 0")
     delta = math.log(sigma_hi) - math.log(sigma_lo)
-    lo = math.exp(math.log(sigma_lo) - gamma * delta)
-    hi = math.exp(math.log(sigma_hi) + gamma * delta)
+    lo = sigma_lo * math.exp(-gamma * delta)  # = exp(ln lo - gamma*Delta), exact at gamma = 0
+    hi = sigma_hi * math.exp(gamma * delta)
     return max(lo, sigma_min), min(hi, sigma_max)
 
 
@@ -158,7 +158,8 @@ def inference_sigmas(
     _check_range(sigma_min, sigma_max, p_std)
     q_min = lognormal_cdf(sigma_min, p_mean=p_mean, p_std=p_std)
     q_max = lognormal_cdf(sigma_max, p_mean=p_mean, p_std=p_std)
-    qs = [q_max - (j / (num_steps - 1)) * (q_max - q_min) for j in range(num_steps)]
+    # The same expression as partition_sigmas, so a grid point on a boundary lands exactly on it.
+    qs = [q_min + ((num_steps - 1 - j) / (num_steps - 1)) * (q_max - q_min) for j in range(num_steps)]
     sig = [lognormal_icdf(q, p_mean=p_mean, p_std=p_std) for q in qs]
     sig[0], sig[-1] = sigma_max, sigma_min  # exact ends
     return torch.tensor(sig, dtype=torch.float64)

@@ -7,7 +7,9 @@ import torch
 
 import dblocks
 
-torch.set_num_threads(2)
+# The debug-size tensors are far too small to gain from intra-op threads, and OpenMP threads that
+# spin-wait on an oversubscribed machine slow every matmul down by ~100x: run single-threaded.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -85,7 +85,8 @@ def test_sample_euler_matches_the_discrete_closed_form_for_gaussian_data(grid_fn
 
 def test_sample_euler_converges_to_the_probability_flow_ode_solution():
     """Exact PF-ODE solution for Gaussian data: z(s) - mu = (z(s_max) - mu) sqrt(s0^2+s^2)/sqrt(s0^2+s_max^2).
-    Euler is first order, so 10x the steps must cut the error by clearly more than 5x."""
+    Euler is first order: 10x the steps cut the global error by ~10x (a sign error or a skipped
+    step would not converge at all; a second-order step would give ~100x)."""
     mu, s0 = -0.2, 0.5
     z0 = torch.full((1, 1, 2, 2), 1.0, dtype=torch.float64) * SIGMA_MAX
     errors = []
@@ -96,8 +97,8 @@ def test_sample_euler_converges_to_the_probability_flow_ode_solution():
         exact = mu + s0**2 / (s0**2 + s_end**2) * (exact_z - mu)
         out = sample_euler(_gaussian_denoiser(mu, s0), z0, grid)
         errors.append((out - exact).abs().max().item())
-    assert errors[1] < errors[0] / 5
-    assert errors[1] < 2e-3
+    assert 8.0 < errors[0] / errors[1] < 12.0, errors
+    assert errors[1] < 1e-2  # 1% of the O(0.3) answer at 500 steps
 
 
 # ---- 7. BlockRouter ---------------------------------------------------------------------------
