@@ -21,7 +21,8 @@ sample_time_ratio Euler sampling of a batch over the same ``inference_sigmas`` g
                   interleaved the same way.
 
 Targets: activation <= 1.05/B and state <= 1.10/B are asserted (exit 1 if missed); time <= 1.10/B
-is reported only (CPU timings of a model this small are dominated by per-op overheads).
+is reported only: wall time on a shared CPU is noisy, so the JSON also keeps every timed round and
+best-of-rounds ratios as a cross-check. Data is random (cost does not depend on pixel values).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def measure(args) -> dict:
     interleaved({(B, g): sampling(B, g, inference_sigmas(10)) for B in models for g in args.guidance}, 1, 0)
     sample_raw = interleaved({(B, g): sampling(B, g, grid) for B in models for g in args.guidance}, args.repeats, 0)
     step_s, sample_s = ({k: statistics.median(v) for k, v in raw.items()} for raw in (step_raw, sample_raw))
+    step_min, sample_min = ({k: min(v) for k, v in raw.items()} for raw in (step_raw, sample_raw))  # cross-check
 
     e2e_act, e2e_state, e2e_step = saved[1][0]["activations"], state[1][0]["total"], step_s[(1, 0)]
     results = []
@@ -164,6 +166,8 @@ def measure(args) -> dict:
             "sample_time_ratio": sample_s[(B, 1.0)] / sample_s[(1, 1.0)] if 1.0 in args.guidance else None,
             "sample_time_ratio_by_guidance": {str(g): sample_s[(B, g)] / sample_s[(1, g)] for g in args.guidance},
             "all_blocks_step_time_ratio": sum(block_steps) / e2e_step,
+            "time_ratio_best_of_rounds": max(step_min[(B, i)] for i in range(B)) / step_min[(1, 0)],
+            "sample_time_ratio_best_by_guidance": {str(g): sample_min[(B, g)] / sample_min[(1, g)] for g in args.guidance},
             "inv_B": 1 / B,
             "saved_bytes_per_block": saved[B],
             "state_bytes_per_block": state[B],

@@ -43,7 +43,7 @@ def train_model(cfg: RunConfig, plan: list[BlockSpec], data, out: Path, label: s
         t0 = time.perf_counter()
         trainer = train_block(cfg, spec, data, out / "checkpoints", plan_id, label=label)
         log.info("%s %d done in %.1f s", label, spec.index, time.perf_counter() - t0)
-        nets.append(trainer.ema.eval())
+        nets.append(trainer.ema.eval().cpu())  # evaluation runs on the CPU
     return nets, plan_id
 
 

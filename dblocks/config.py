@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from .models.dit import DiTConfig, dit_config
 from .noise import PARTITION_KINDS
 
@@ -108,6 +110,12 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps
     log_every: int = 100  # steps
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -118,6 +126,13 @@ class TrainConfig:
         if self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip}: must be > 0")
         object.__setattr__(self, "betas", tuple(self.betas))
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"train.device={self.device!r}: CUDA is not available here; use auto or cpu")
 
 
 @dataclass(frozen=True)

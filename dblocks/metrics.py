@@ -58,7 +58,7 @@ def heldout_loss(
     total = 0.0
     for _ in range(repeats):
         sigma = sample_sigmas(len(images), sigma_lo, sigma_hi, p_mean=p_mean, p_std=p_std, generator=g)
-        eps = torch.randn(images.shape, generator=g)
+        sigma, eps = sigma.to(images.device), torch.randn(images.shape, generator=g).to(images.device)
         z = images + sigma.reshape(-1, 1, 1, 1) * eps
         total += weighted_l2(denoiser(z, sigma, labels=labels), images, sigma, sigma_data).mean().item()
     return total / repeats

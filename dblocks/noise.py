@@ -136,7 +136,7 @@ def route(sigma: torch.Tensor | float, boundaries: list[float]) -> torch.Tensor:
     [sigma_min, sigma_max] go to the nearest end block.
     """
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    inner = torch.tensor(boundaries[1:-1], dtype=torch.float64)
+    inner = torch.tensor(boundaries[1:-1], dtype=torch.float64, device=sigma.device)
     num_blocks = len(boundaries) - 1
     return num_blocks - 1 - torch.bucketize(sigma, inner, right=True)
 

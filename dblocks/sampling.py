@@ -39,11 +39,11 @@ def sample_euler(
     n = z.shape[0]
     grid = [float(s) for s in sigmas]  # float64: routing must see the exact grid sigma
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
-        denoised = denoiser(z, torch.full((n,), s, dtype=torch.float64), **extra_args)
+        denoised = denoiser(z, torch.full((n,), s, dtype=torch.float64, device=z.device), **extra_args)
         if callback is not None:
             callback(i, s, denoised)
         z = euler_step(z, denoised, s, s_next)
-    return denoiser(z, torch.full((n,), grid[-1], dtype=torch.float64), **extra_args)
+    return denoiser(z, torch.full((n,), grid[-1], dtype=torch.float64, device=z.device), **extra_args)
 
 
 class BlockRouter:

@@ -63,7 +63,7 @@ class BlockTrainer:
             p_mean=self.noise.p_mean,
             p_std=self.noise.p_std,
             generator=self.generator,
-        )
+        ).to(batch[0].device)
         lr = self.lr_at(self.samples)
         for group in self.opt.param_groups:
             group["lr"] = lr

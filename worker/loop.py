@@ -30,7 +30,8 @@ def train_block(
     cfg: RunConfig, spec: BlockSpec, data: ImageSplit, ckpt_dir: Path, plan_id: str, *, label: str = "block"
 ) -> BlockTrainer:
     """Train ``spec``'s block for ``cfg.train.steps`` steps; resume from its checkpoint if present."""
-    net = build_block(cfg.model, spec, cfg.seed)
+    device = cfg.train.resolved_device()
+    net = build_block(cfg.model, spec, cfg.seed).to(device)
     trainer = BlockTrainer(net, spec, block_loss(cfg.model), cfg.train, cfg.noise, cfg.seed)
     path = checkpoint_path(ckpt_dir, spec)
     if path.exists():
@@ -51,7 +52,7 @@ def train_block(
     t0, s0 = time.perf_counter(), trainer.samples
     while trainer.step_count < cfg.train.steps:
         idx = stream.indices(trainer.step_count)
-        metrics = trainer.step((data.train_x[idx], data.train_y[idx]))
+        metrics = trainer.step((data.train_x[idx].to(device), data.train_y[idx].to(device)))
         done = trainer.step_count
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             rate = (trainer.samples - s0) / (time.perf_counter() - t0)

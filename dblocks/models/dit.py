@@ -176,8 +176,9 @@ def dit_loss(
 ) -> torch.Tensor:
     """Per-sample Eq. 6 loss for one block: noise the image, drop labels for CFG, weighted L2."""
     images, labels = batch
-    eps = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    # Random draws come from the (CPU) generator, then move: the same numbers on any device.
+    eps = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
     z = images + sigma.reshape(-1, 1, 1, 1) * eps
-    drop = torch.rand(labels.shape, generator=generator) < net.cfg.label_dropout
+    drop = (torch.rand(labels.shape, generator=generator) < net.cfg.label_dropout).to(labels.device)
     labels = torch.where(drop, torch.full_like(labels, net.null_label), labels)
     return weighted_l2(denoise(net, z, sigma, labels, sigma_data=sigma_data), images, sigma, sigma_data)
