@@ -44,6 +44,23 @@ def lognormal_icdf(q: float, *, p_mean: float = P_MEAN, p_std: float = P_STD) ->
     return math.exp(p_mean + p_std * _NORMAL.inv_cdf(q))
 
 
+def truncated_quantile(
+    f: float, *, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, p_mean: float = P_MEAN, p_std: float = P_STD
+) -> float:
+    """The sigma below which a fraction f of the truncated log-normal's mass lies.
+
+    exp(P_mean + P_std Phi^-1(q_min + f (q_max - q_min))), q_min/q_max the CDF at sigma_min/sigma_max.
+    Partition boundaries and the inference grid both use it, so grid points land exactly on boundaries.
+    """
+    if f <= 0.0:
+        return float(sigma_min)
+    if f >= 1.0:
+        return float(sigma_max)
+    q_min = lognormal_cdf(sigma_min, p_mean=p_mean, p_std=p_std)
+    q_max = lognormal_cdf(sigma_max, p_mean=p_mean, p_std=p_std)
+    return lognormal_icdf(q_min + f * (q_max - q_min), p_mean=p_mean, p_std=p_std)
+
+
 def partition_sigmas(
     num_blocks: int,
     *,
@@ -63,12 +80,8 @@ def partition_sigmas(
         raise ValueError(f"blocks.num={num_blocks}: must be an integer >= 1")
     _check_range(sigma_min, sigma_max, p_std)
     if kind == "equiprob":
-        q_min = lognormal_cdf(sigma_min, p_mean=p_mean, p_std=p_std)
-        q_max = lognormal_cdf(sigma_max, p_mean=p_mean, p_std=p_std)
-        inner = [
-            lognormal_icdf(q_min + (i / num_blocks) * (q_max - q_min), p_mean=p_mean, p_std=p_std)
-            for i in range(1, num_blocks)
-        ]
+        dist = dict(sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
+        inner = [truncated_quantile(i / num_blocks, **dist) for i in range(1, num_blocks)]
     elif kind == "uniform_log":
         a, b = math.log(sigma_min), math.log(sigma_max)
         inner = [math.exp(a + (i / num_blocks) * (b - a)) for i in range(1, num_blocks)]
@@ -156,13 +169,9 @@ def inference_sigmas(
     if num_steps < 2:
         raise ValueError(f"sample.steps={num_steps}: need at least 2 grid points")
     _check_range(sigma_min, sigma_max, p_std)
-    q_min = lognormal_cdf(sigma_min, p_mean=p_mean, p_std=p_std)
-    q_max = lognormal_cdf(sigma_max, p_mean=p_mean, p_std=p_std)
-    # The same expression as partition_sigmas, so a grid point on a boundary lands exactly on it.
-    qs = [q_min + ((num_steps - 1 - j) / (num_steps - 1)) * (q_max - q_min) for j in range(num_steps)]
-    sig = [lognormal_icdf(q, p_mean=p_mean, p_std=p_std) for q in qs]
-    sig[0], sig[-1] = sigma_max, sigma_min  # exact ends
-    return torch.tensor(sig, dtype=torch.float64)
+    dist = dict(sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
+    n = num_steps - 1
+    return torch.tensor([truncated_quantile((n - j) / n, **dist) for j in range(num_steps)], dtype=torch.float64)
 
 
 def karras_sigmas(

@@ -109,7 +109,10 @@ class BlockTrainer:
                 _, idx, key = k.split(".", 2)
                 state.setdefault(int(idx), {})[key] = v
         template = self.opt.state_dict()
-        groups = [{**g, "params": t["params"]} for g, t in zip(meta["param_groups"], template["param_groups"])]
+        groups = [  # JSON turned tuples (betas) into lists
+            {**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()}, "params": t["params"]}
+            for g, t in zip(meta["param_groups"], template["param_groups"])
+        ]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
         self.generator.set_state(tensors["rng"])
         self.step_count, self.samples = meta["step"], meta["samples"]
