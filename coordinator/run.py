@@ -7,7 +7,6 @@ below with one actor per block.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -53,7 +52,6 @@ def run(cfg: RunConfig) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
@@ -62,8 +60,10 @@ def run(cfg: RunConfig) -> dict:
         log.info("plan: block %d layers [%d, %d) sigma [%.4g, %.4g] (training [%.4g, %.4g])",
                  s.index, s.layer_start, s.layer_end, s.sigma_lo, s.sigma_hi, s.train_lo, s.train_hi)  # fmt: skip
 
-    models = {f"DiffusionBlocks B={cfg.blocks.num}": (plan, out / "blocks")}
-    if cfg.baseline and cfg.blocks.num > 1:
+    models = {}  # name -> (plan, output folder); blocks.num=1 is the end-to-end model itself
+    if cfg.blocks.num > 1:
+        models[f"DiffusionBlocks B={cfg.blocks.num}"] = (plan, out / "blocks")
+    if cfg.baseline or cfg.blocks.num == 1:
         models["end-to-end"] = (plan_for(cfg, 1), out / "baseline")
     trained, train_seconds = {}, {}
     for name, (p, d) in models.items():

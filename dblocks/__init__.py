@@ -1,6 +1,7 @@
 """dblocks: DiffusionBlocks (Shing, Koyama, Akiba, ICLR 2026) in pure PyTorch.
 
-Reading order: noise -> precond -> loss -> sampling -> models.dit -> plan -> trainer.
+Reading order: noise -> precond -> loss -> sampling -> models.dit -> plan -> trainer
+(then build, evaluate, metrics; worker/ and coordinator/ wrap these).
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -14,7 +15,9 @@ from .config import (
     SampleConfig,
     TrainConfig,
 )
-from .data import BatchStream, load_digits_split
+from .data import BatchStream, ImageSplit, load_digits_split
+from .evaluate import chain, evaluate, generate
+from .metrics import DigitsClassifier, frechet_distance, heldout_loss, train_digits_classifier
 from .loss import weighted_ce, weighted_l2
 from .models.dit import DIT_SIZES, DiTBlock, DiTConfig, dit_config, dit_loss
 from .noise import (
@@ -24,6 +27,7 @@ from .noise import (
     partition_sigmas,
     route,
     sample_sigmas,
+    truncated_quantile,
     widen_range,
 )
 from .plan import BlockSpec, make_plan, plan_boundaries, plan_hash

@@ -68,3 +68,17 @@ class C:
     assert FORBIDDEN <= found
     assert "os" in found and "importlib" in found
     assert "noise" not in found and "models" not in found  # relative imports are the library's own
+
+
+def test_importing_the_library_loads_no_service_package():
+    """At run time too: a fresh interpreter that imports all of dblocks has none of them in sys.modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib, dblocks\n"
+        "for m in pkgutil.walk_packages(dblocks.__path__, 'dblocks.'): importlib.import_module(m.name)\n"
+        f"print(sorted({{n.split('.')[0] for n in sys.modules}} & set({sorted(FORBIDDEN)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

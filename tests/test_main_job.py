@@ -90,3 +90,12 @@ def test_bad_config_fails_at_start_with_one_line_naming_the_field(override, fiel
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], proc.stderr
     assert not (tmp_path / "out" / "blocks").exists()
+
+
+def test_one_block_is_the_end_to_end_model(tmp_path):
+    proc = run_job(*TINY, "blocks.num=1", "baseline=false", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["results"]) == ["end-to-end"]
+    assert (tmp_path / "baseline" / "checkpoints" / "block0.safetensors").is_file()
+    assert not (tmp_path / "blocks").exists()
