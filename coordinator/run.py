@@ -79,7 +79,8 @@ def run(cfg: RunConfig) -> dict:
     for name, nets in trained.items():
         results[name] = evaluate(nets, models[name][0], data, classifier, cfg.sample, cfg.noise, ranges=ranges, seed=cfg.seed)
         shown = min(cfg.sample.per_class, 10)  # a 10 x 10 grid: row = digit
-        per_class = results[name]["samples"].reshape(10, cfg.sample.per_class, 1, 8, 8)[:, :shown]
+        samples = results[name]["samples"]  # class-major: 0, 0, ..., 1, 1, ...
+        per_class = samples.reshape(10, cfg.sample.per_class, *samples.shape[1:])[:, :shown]
         grid = save_grid(per_class.flatten(0, 1), models[name][1] / "samples.png", columns=shown)
         log.info("%s: sample grid %s", name, grid)
     print(f"\nguidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, {cfg.train.steps} steps per block; "

@@ -43,12 +43,13 @@ def generate(
     sample: SampleConfig,
     noise: NoiseConfig,
     *,
+    shape: tuple[int, ...],
     null_label: int,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Class-conditional samples with classifier-free guidance ``sample.guidance``."""
+    """Class-conditional samples of ``shape`` (C, H, W) with classifier-free guidance ``sample.guidance``."""
     g = torch.Generator().manual_seed(seed)
-    z = noise.sigma_max * torch.randn((len(labels), 1, 8, 8), generator=g)
+    z = noise.sigma_max * torch.randn((len(labels), *shape), generator=g)
     guided = classifier_free_guidance(router, sample.guidance, null_label)
     grid = sample_grid(sample, noise, len(router.blocks))
     return sample_euler(guided, z, grid, extra_args={"labels": labels}).clamp(-1, 1)
@@ -72,7 +73,8 @@ def evaluate(
     overall = heldout_loss(router, data.test_x, data.test_y, noise.sigma_min, noise.sigma_max, **kw)
     per_range = [heldout_loss(router, data.test_x, data.test_y, lo, hi, **kw) for lo, hi in ranges]
     labels = torch.arange(10).repeat_interleave(sample.per_class)
-    samples = generate(router, labels, sample, noise, null_label=nets[0].null_label, seed=seed)
+    shape = tuple(data.test_x.shape[1:])
+    samples = generate(router, labels, sample, noise, shape=shape, null_label=nets[0].null_label, seed=seed)
     with torch.no_grad():
         fd_feat = frechet_distance(classifier.features(data.test_x), classifier.features(samples))
     return {

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .config import NoiseConfig, TrainConfig
 from .noise import sample_sigmas
 from .plan import BlockSpec
-from .seeds import block_seed, seeded  # noqa: F401  (re-exported)
+from .seeds import block_seed
 
 # loss_fn(net, batch, sigma, generator, sigma_data) -> per-sample loss (N,)
 LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator, float], torch.Tensor]
