@@ -41,18 +41,16 @@ from pathlib import Path
 import torch
 
 from dblocks import (
-    BlockRouter,
     BlockTrainer,
     DiTBlock,
     NoiseConfig,
     TrainConfig,
+    chain,
     classifier_free_guidance,
-    denoise,
     dit_config,
     dit_loss,
     inference_sigmas,
     make_plan,
-    plan_boundaries,
     sample_euler,
     seeded,
 )
@@ -122,12 +120,10 @@ def interleaved(jobs: dict, rounds: int, warmup: int) -> dict[object, list[float
     return times
 
 
-def chain(trainers: list[BlockTrainer], guidance: float):
-    """The sampling denoiser: the E2E net alone, or the B blocks behind a BlockRouter; then CFG."""
+def guided_chain(trainers: list[BlockTrainer], guidance: float):
+    """The sampling denoiser: the plan's blocks behind the library's BlockRouter (E2E: one block), then CFG."""
     nets = [tr.net for tr in trainers]
-    blocks = [functools.partial(denoise, net) for net in nets]
-    d = blocks[0] if len(blocks) == 1 else BlockRouter(blocks, plan_boundaries([tr.spec for tr in trainers]))
-    return classifier_free_guidance(d, guidance, nets[0].null_label)
+    return classifier_free_guidance(chain(nets, [tr.spec for tr in trainers]), guidance, nets[0].null_label)
 
 
 def measure(args) -> dict:
@@ -146,7 +142,7 @@ def measure(args) -> dict:
     labels = torch.arange(args.sample_batch) % 10
 
     def sampling(B: int, g: float, sigmas: torch.Tensor):
-        return functools.partial(sample_euler, chain(models[B], g), z, sigmas, extra_args={"labels": labels})
+        return functools.partial(sample_euler, guided_chain(models[B], g), z, sigmas, extra_args={"labels": labels})
 
     grid = inference_sigmas(args.sample_steps)
     interleaved({(B, g): sampling(B, g, inference_sigmas(10)) for B in models for g in args.guidance}, 1, 0)
