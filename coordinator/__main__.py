@@ -11,11 +11,17 @@ from omegaconf import DictConfig, OmegaConf
 from dblocks.config import ConfigError, RunConfig
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
+def to_run_config(cfg: DictConfig, *drop: str) -> RunConfig:
     """Hydra's composed config -> the library's typed RunConfig (validated; names the bad key)."""
     d = OmegaConf.to_container(cfg, resolve=True)
-    d.pop("hydra", None)
+    for key in ("hydra", *drop):
+        d.pop(key, None)
     return RunConfig.from_dict(d)
+
+
+def fail(e: BaseException) -> None:
+    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
@@ -24,11 +30,14 @@ def _main(cfg: DictConfig) -> None:
     try:
         run_cfg = to_run_config(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
+    from .errors import USER_ERRORS
     from .run import run
 
-    run(run_cfg)
+    try:
+        run(run_cfg)
+    except USER_ERRORS as e:
+        fail(e)
 
 
 def main() -> None:

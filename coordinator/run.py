@@ -1,29 +1,54 @@
-"""The main job, in-process: plan, train every block alone, train the baseline, evaluate, report.
+"""The main job: plan, dispatch work units, watch the block workers, register, sample, evaluate.
 
-Each block trains with nothing but the data and its own plan entry (worker.loop.train_block),
-exactly as it will on its own worker; the distributed trainer replaces the sequential loop
-below with one actor per block.
+1. Connect the services: Redis (``redis.url``, or an embedded redis-server), MLflow
+   (``mlflow.tracking_uri``, or sqlite under ``output_dir``), Ray (``ray.address``, the cluster of
+   ``ray job submit``, or a local Ray). An unreachable one fails here, in one line.
+2. A new run: write the train split as parquet shards to storage, plan every block (sigma range,
+   layers, seeds), cut each block's steps into work units, open the MLflow parent run and one
+   child run per block, and write the manifest and all units to Redis in one transaction
+   (``resume=<run id>`` instead reloads that run's manifest).
+3. Start one worker per block (``workers.external`` blocks are left to ``python -m worker``),
+   forward their metrics to MLflow, show progress, restart a failed block (only that one) up to
+   ``workers.max_restarts`` times; it resumes from its own checkpoint.
+4. Register each finished block as a version of ``<name>-block<b>`` (alias ``candidate``), load
+   the set back from the registry in a sampler actor, evaluate it, log the sample grid, and
+   promote the set to ``champion`` when it passes (``registry.champion_min_accuracy``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from dblocks.config import RunConfig
+from dblocks.config import ConfigError, RunConfig
 from dblocks.data import load_digits_split
-from dblocks.evaluate import evaluate
-from dblocks.metrics import accuracy, train_digits_classifier
 from dblocks.plan import BlockSpec, make_plan, plan_hash
-from worker.loop import train_block
+from dblocks.seeds import derive_seed
+from dblocks.units import make_units
+from worker.block_worker import export_rel
+from worker.shards import write_image_shards
+from worker.state import EmbeddedRedis, RunState
+from worker.storage import Storage
 
+from .launch import make_launcher
+from .progress import Progress
 from .report import format_table, save_grid, write_metrics
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+MODELS = {"blocks": "DiffusionBlocks", "e2e": "end-to-end"}
+
+
+class RunFailed(RuntimeError):
+    pass
 
 
 def plan_for(cfg: RunConfig, num_blocks: int) -> list[BlockSpec]:
@@ -34,61 +59,204 @@ def plan_for(cfg: RunConfig, num_blocks: int) -> list[BlockSpec]:
     )  # fmt: skip
 
 
-def train_model(cfg: RunConfig, plan: list[BlockSpec], data, out: Path, label: str) -> tuple[list, list[float]]:
-    """Train every block of ``plan`` alone; return the EMA networks and each block's wall seconds."""
-    # What the blocks must agree on; training settings (steps, lr, ...) may change on resume.
-    plan_id = plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
-    nets, seconds = [], []
-    for spec in plan:
-        t0 = time.perf_counter()
-        trainer = train_block(cfg, spec, data, out / "checkpoints", plan_id, label=label)
-        seconds.append(time.perf_counter() - t0)
-        log.info("%s %d done in %.1f s", label, spec.index, seconds[-1])
-        nets.append(trainer.ema.eval().cpu())  # evaluation runs on the CPU
-    return nets, seconds
+def model_plans(cfg: RunConfig) -> dict[str, list[BlockSpec]]:
+    """``blocks``: the DiffusionBlocks plan; ``e2e``: the end-to-end baseline (one block of all L layers)."""
+    plans = {"blocks": plan_for(cfg, cfg.blocks.num)} if cfg.blocks.num > 1 else {}
+    if cfg.baseline or cfg.blocks.num == 1:
+        plans["e2e"] = plan_for(cfg, 1)
+    return plans
 
 
-def run(cfg: RunConfig) -> dict:
+def registered_name(cfg: RunConfig, model: str, index: int) -> str:
+    return f"{cfg.name}-block{index}" if model == "blocks" else f"{cfg.name}-e2e-block{index}"
+
+
+def prefix_of(cfg: RunConfig, model: str) -> str:
+    return cfg.name if model == "blocks" else f"{cfg.name}-e2e"
+
+
+def default_tracking_uri(cfg: RunConfig) -> str:
+    return cfg.mlflow.tracking_uri or f"sqlite:///{Path(cfg.output_dir).resolve()}/mlflow.db"
+
+
+def new_run(cfg: RunConfig, state: RunState, tracker: Tracker, storage: Storage) -> dict:
+    run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    data = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
+    prefix = f"data/digits-test{cfg.data.test_size}-split{cfg.data.split_seed}"
+    shards = write_image_shards(storage, prefix, data.train_x, data.train_y, cfg.data.shards, num_classes=10)
+    if cfg.train.batch_size > min(s.rows for s in shards):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: larger than a shard "
+                          f"({min(s.rows for s in shards)} rows); use fewer data.shards")  # fmt: skip
+    parent = tracker.start_run(run_id, {"dblocks.run_id": run_id}, system_metrics=True)
+    tracker.log_params(parent, cfg.to_dict())
+    jobs, units = {}, {}
+    for model, plan in model_plans(cfg).items():
+        plan_id = plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
+        for spec in plan:
+            job = f"{model}/{spec.index}"
+            units[job] = make_units(cfg.train.steps, cfg.train.unit_steps, shards, derive_seed(cfg.seed, model), spec.index)
+            child = tracker.start_run(job, {"block": spec.index, "num_blocks": spec.num_blocks, "plan_hash": plan_id}, parent)
+            tracker.log_params(child, {**asdict(spec), "plan_hash": plan_id, "units": len(units[job])})
+            jobs[job] = {"model": model, "spec": asdict(spec), "plan_id": plan_id, "units": len(units[job]),
+                         "registered_model": registered_name(cfg, model, spec.index), "mlflow_run": child,
+                         "external": model == "blocks" and spec.index in cfg.workers.external}  # fmt: skip
+    manifest = {"run_id": run_id, "name": cfg.name, "created": time.time(), "config": cfg.to_dict(),
+                "storage": storage.root, "shards": [asdict(s) for s in shards], "jobs": jobs,
+                "mlflow": {"tracking_uri": tracker.uri, "parent": parent}, "registered": {}}  # fmt: skip
+    state.create_run(manifest, units)
+    tracker.log_dict(parent, manifest, "manifest.json")
+    tracker.log_dict(parent, cfg.to_dict(), "config.json")
+    return manifest
+
+
+def resume_run(cfg: RunConfig, state: RunState, tracker: Tracker) -> dict:
+    manifest = state.manifest(cfg.resume)
+    for model, plan in model_plans(cfg).items():
+        plan_id = plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
+        theirs = manifest["jobs"].get(f"{model}/0", {}).get("plan_id")
+        if theirs != plan_id:
+            raise ConfigError(f"resume={cfg.resume}: this config's {model} plan ({plan_id}) is not the run's ({theirs}); "
+                              "resume with the run's experiment and overrides")  # fmt: skip
+    tracker.reopen(manifest["mlflow"]["parent"], system_metrics=True)
+    return manifest
+
+
+def watch(cfg: RunConfig, manifest: dict, state: RunState, tracker: Tracker, launcher, jobs: list[str]) -> None:
+    """Run ``jobs`` to completion: submit, forward metrics, show progress, restart a failed block."""
+    run = manifest["run_id"]
+    done = {j for j in jobs if state.progress(run, j).get("state") == "done"}
+    external = [j for j in jobs if manifest["jobs"][j]["external"]]
+    for j in jobs:
+        if j not in done and j not in external:
+            launcher.submit(j)
+    for j in external:
+        if j not in done:
+            log.info("%s is left to an external worker: python -m worker block=%s run=%s redis.url=%s",
+                     j, j.split("/")[1], run, state.url)  # fmt: skip
+    restarts = {j: 0 for j in jobs}
+    cursors = {j: "0" for j in jobs}
+    with Progress() as display:
+        while True:
+            for job, result, error in launcher.poll(timeout=1.0):
+                if error is None:
+                    done.add(job)
+                    continue
+                if restarts[job] >= cfg.workers.max_restarts:
+                    raise RunFailed(f"{job} failed {restarts[job] + 1} times, last: {str(error).strip().splitlines()[-1][:300]}")
+                restarts[job] += 1
+                state.incr(run, job, "restarts")
+                log.warning("%s failed (%s: %s); restart %d/%d from its checkpoint", job, type(error).__name__,
+                            str(error).strip().splitlines()[-1][:200], restarts[job], cfg.workers.max_restarts)  # fmt: skip
+                launcher.submit(job)
+            progress = {j: state.progress(run, j) for j in jobs}
+            done |= {j for j in external if progress[j].get("state") == "done"}
+            for j in jobs:
+                cursors[j], entries = state.read_metrics(run, j, cursors[j])
+                for m in entries:
+                    tracker.log_metrics(manifest["jobs"][j]["mlflow_run"], {k: v for k, v in m.items() if k != "step"}, m["step"])
+            display.update(progress)
+            if done >= set(jobs):
+                return
+
+
+def register(cfg: RunConfig, manifest: dict, state: RunState, tracker: Tracker, storage: Storage, jobs: list[str]) -> None:
+    """Each finished block -> a new version of its registered model, alias ``candidate``."""
+    for job in jobs:
+        if job in manifest["registered"]:
+            continue
+        info = manifest["jobs"][job]
+        spec = BlockSpec(**info["spec"])
+        tags = {"block": spec.index, "num_blocks": spec.num_blocks, "sigma_lo": repr(spec.sigma_lo),
+                "sigma_hi": repr(spec.sigma_hi), "plan_hash": info["plan_id"], "run_id": manifest["run_id"]}  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.get_file(export_rel(manifest["run_id"], job), Path(tmp) / "block.safetensors")
+            version = tracker.register_block(info["mlflow_run"], local, info["registered_model"], tags, "candidate")
+        manifest["registered"][job] = version
+        state.update_manifest(manifest)
+        tracker.end(info["mlflow_run"], ok=True)
+        log.info("registered %s version %s (alias candidate)", info["registered_model"], version)
+
+
+def evaluate_sets(cfg: RunConfig, manifest: dict, tracker: Tracker, launcher, out: Path) -> dict:
+    """Load each registered set back through a sampler actor, evaluate, log grids; promote to champion."""
+    models = [m for m in MODELS if any(j["model"] == m for j in manifest["jobs"].values())]
+    callers = launcher.samplers([(tracker.uri, prefix_of(cfg, m), "candidate") for m in models])
+    ranges = [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
+    pending = [c("evaluate", (asdict(cfg.data), asdict(cfg.sample), ranges, cfg.seed)) for c in callers]
+    results, parent = {}, manifest["mlflow"]["parent"]
+    for m, res in zip(models, launcher.get(pending)):
+        name = f"{MODELS[m]} B={cfg.blocks.num}" if m == "blocks" else MODELS[m]
+        res = {k: torch.tensor(v) if hasattr(v, "__array__") and not isinstance(v, float) else v for k, v in res.items()}
+        results[name] = res
+        shown = min(cfg.sample.per_class, 10)  # a 10 x 10 grid: row = digit
+        per_class = res["samples"].reshape(10, cfg.sample.per_class, *res["samples"].shape[1:])[:, :shown]
+        grid = save_grid(per_class.flatten(0, 1), out / m / "samples.png", columns=shown)
+        tracker.log_artifact(parent, grid, f"samples/{m}")
+        tracker.log_metrics(parent, {f"{m}/{k}": v for k, v in res.items() if isinstance(v, float)}, step=0)
+        passed = res["sample_accuracy"] >= cfg.registry.champion_min_accuracy
+        res["champion"] = passed
+        jobs = [j for j, info in manifest["jobs"].items() if info["model"] == m]
+        if passed:
+            for j in jobs:
+                tracker.set_alias(manifest["jobs"][j]["registered_model"], "champion", manifest["registered"][j])
+        log.info("%s: sample grid %s; %s", name, grid, "promoted to champion" if passed else
+                 f"stays candidate (accuracy {res['sample_accuracy']:.1%} < {cfg.registry.champion_min_accuracy:.0%})")  # fmt: skip
+    return results
+
+
+@contextlib.contextmanager
+def services(cfg: RunConfig, out: Path):
+    """(state, tracker, launcher, storage), connected in that order; stopped on the way out."""
+    with contextlib.ExitStack() as stack:
+        embedded = None
+        if cfg.redis.url is None:
+            embedded = stack.enter_context(EmbeddedRedis(out / "redis"))
+        state = RunState(cfg.redis.url or embedded.url)
+        artifacts = None if cfg.mlflow.tracking_uri else (out / "mlartifacts").resolve().as_uri()
+        tracker = Tracker(default_tracking_uri(cfg), cfg.mlflow.experiment or cfg.name, artifacts)
+        launcher = make_launcher(cfg, temp_dir=None)
+        stack.callback(launcher.shutdown)
+        yield state, tracker, launcher, Storage(cfg.storage.path or str((out / "storage").resolve()))
+
+
+def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
+    """The whole run (``only``: train and register just these jobs, e.g. ``["blocks/1"]``)."""
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    data = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
-    plan = plan_for(cfg, cfg.blocks.num)
-    for s in plan:
-        log.info("plan: block %d layers [%d, %d) sigma [%.4g, %.4g] (training [%.4g, %.4g])",
-                 s.index, s.layer_start, s.layer_end, s.sigma_lo, s.sigma_hi, s.train_lo, s.train_hi)  # fmt: skip
-
-    models = {}  # name -> (plan, output folder); blocks.num=1 is the end-to-end model itself
-    if cfg.blocks.num > 1:
-        models[f"DiffusionBlocks B={cfg.blocks.num}"] = (plan, out / "blocks")
-    if cfg.baseline or cfg.blocks.num == 1:
-        models["end-to-end"] = (plan_for(cfg, 1), out / "baseline")
-    trained, train_seconds = {}, {}
-    for name, (p, d) in models.items():
-        trained[name], train_seconds[name] = train_model(cfg, p, data, d, name.split()[0])
-
-    t0 = time.perf_counter()
-    classifier = train_digits_classifier(data.train_x, data.train_y, seed=0)
-    clf_acc = accuracy(classifier, data.test_x, data.test_y)
-    log.info("digits classifier: %.1f%% on the real test split (%.1f s)", 100 * clf_acc, time.perf_counter() - t0)
-
-    ranges = [(s.sigma_lo, s.sigma_hi) for s in plan]
-    results = {}
-    for name, nets in trained.items():
-        results[name] = evaluate(nets, models[name][0], data, classifier, cfg.sample, cfg.noise, ranges=ranges, seed=cfg.seed)
-        shown = min(cfg.sample.per_class, 10)  # a 10 x 10 grid: row = digit
-        samples = results[name]["samples"]  # class-major: 0, 0, ..., 1, 1, ...
-        per_class = samples.reshape(10, cfg.sample.per_class, *samples.shape[1:])[:, :shown]
-        grid = save_grid(per_class.flatten(0, 1), models[name][1] / "samples.png", columns=shown)
-        log.info("%s: sample grid %s", name, grid)
-    print(f"\nguidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, {cfg.train.steps} steps per block; "
-          f"classifier accuracy on real test images {clf_acc:.1%}")  # fmt: skip
-    print(format_table(results, ranges))
-    write_metrics(
-        results, out / "metrics.json", classifier_test_accuracy=clf_acc, config=cfg.to_dict(),
-        train_seconds_per_block=train_seconds,  # 0-ish for blocks resumed already complete
-        wall_seconds=time.perf_counter() - t_start,
-    )  # fmt: skip
-    return results
+    with services(cfg, out) as (state, tracker, launcher, storage):
+        manifest = resume_run(cfg, state, tracker) if cfg.resume else new_run(cfg, state, tracker, storage)
+        run_id = manifest["run_id"]
+        (out / "last_run").write_text(f"{run_id}\n{state.url}\n")
+        log.info("run %s: Redis %s, MLflow %s, storage %s", run_id, state.url, tracker.uri, storage.root)
+        launcher.attach(state.url, run_id)
+        jobs = only or list(manifest["jobs"])
+        unknown = sorted(set(jobs) - set(manifest["jobs"]))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: run {run_id} has only {', '.join(manifest['jobs'])}")
+        for job in jobs:
+            s = manifest["jobs"][job]["spec"]
+            log.info("plan: %s layers [%d, %d) sigma [%.4g, %.4g] (training [%.4g, %.4g]), %d units",
+                     job, s["layer_start"], s["layer_end"], s["sigma_lo"], s["sigma_hi"], s["train_lo"], s["train_hi"],
+                     manifest["jobs"][job]["units"])  # fmt: skip
+        ok = False
+        try:
+            t0 = time.perf_counter()
+            watch(cfg, manifest, state, tracker, launcher, jobs)
+            train_seconds = time.perf_counter() - t0
+            register(cfg, manifest, state, tracker, storage, jobs)
+            results = {}
+            if set(manifest["registered"]) == set(manifest["jobs"]):
+                results = evaluate_sets(cfg, manifest, tracker, launcher, out)
+                ranges = [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
+                print(f"\nrun {run_id}: guidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, "
+                      f"{cfg.train.steps} steps per block")  # fmt: skip
+                print(format_table(results, ranges))
+                path = write_metrics(results, out / "metrics.json", run_id=run_id, config=cfg.to_dict(),
+                                     train_seconds=train_seconds, wall_seconds=time.perf_counter() - t_start,
+                                     registered=manifest["registered"])  # fmt: skip
+                tracker.log_artifact(manifest["mlflow"]["parent"], path)
+            ok = True
+            return results
+        finally:
+            tracker.end(manifest["mlflow"]["parent"], ok=ok)

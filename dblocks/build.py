@@ -28,3 +28,11 @@ def block_loss(model: ModelConfig) -> LossFn:
 def block_denoiser(net: nn.Module, sigma_data: float = 0.5):
     """D(z, sigma, **cond) for a trained block network (EDM preconditioning around it)."""
     return partial(denoise, net.eval(), sigma_data=sigma_data)
+
+
+def block_from_export(tensors: dict, meta: dict) -> tuple[nn.Module, BlockSpec]:
+    """Rebuild a finished block from its exported EMA weights and metadata (worker export, registry)."""
+    spec = BlockSpec(**meta["spec"])
+    net = DiTBlock(ModelConfig(**meta["model"]).dit(), spec.num_layers)
+    net.load_state_dict(tensors)
+    return net.eval().requires_grad_(False), spec

@@ -88,12 +88,15 @@ class DataConfig:
     source: str = "digits"
     test_size: int = 360
     split_seed: int = 0
+    shards: int = 2  # parquet shards of the train split; work units cycle over them
 
     def __post_init__(self) -> None:
         if self.source != "digits":
             raise ConfigError(f"data.source={self.source!r}: only 'digits' is built in")
         if not 0 < self.test_size < 1797:
             raise ConfigError(f"data.test_size={self.test_size}: must be in 1..1796")
+        if not isinstance(self.shards, int) or self.shards < 1:
+            raise ConfigError(f"data.shards={self.shards}: must be an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class TrainConfig:
     warmup_samples: int = 10_000
     ema_halflife_samples: int = 20_000
     ema_rampup: float = 0.1  # EMA half-life is at most this fraction of the samples seen (EDM)
-    checkpoint_every: int = 500  # steps
+    unit_steps: int = 50  # optimizer steps per work unit (the unit of dispatch, ack and resume)
+    checkpoint_every: int = 500  # steps; rounded up to a whole work unit
     log_every: int = 100  # steps
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
@@ -118,7 +122,7 @@ class TrainConfig:
         return torch.device(self.device)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "unit_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
@@ -151,6 +155,55 @@ class SampleConfig:
             raise ConfigError(f"sample.grid={self.grid!r}: must be one of auto, cdf, karras")
 
 
+# ---- the system around the library: plain data here, used by coordinator/ and worker/ ----------
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: local Ray (or the cluster when run under `ray job submit`)
+    num_cpus: int | None = None  # CPUs of the local Ray; None = the machine's
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str | None = None  # None: an embedded redis-server on a free 127.0.0.1 port
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
+    experiment: str | None = None  # None: the run's name
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str | None = None  # checkpoints and shards: a local path or a pyarrow.fs URI; None: <output_dir>/storage
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    backend: str = "ray"  # ray (one actor per block) | inline (in this process, one block after another)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # 1, fractional (0.5: two blocks share a GPU) or 0 on CPU
+    resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"A100": 1} to pin a GPU type
+    external: tuple[int, ...] = ()  # block indices left to external workers (python -m worker ...)
+    max_restarts: int = 2  # per block: a failed block is restarted from its checkpoint this often
+    lease_seconds: float = 30.0  # a worker that misses heartbeats this long loses its block
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("ray", "inline"):
+            raise ConfigError(f"workers.backend={self.backend!r}: must be ray or inline")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("workers.num_cpus and workers.num_gpus must be >= 0")
+        if self.max_restarts < 0:
+            raise ConfigError(f"workers.max_restarts={self.max_restarts}: must be >= 0")
+        object.__setattr__(self, "external", tuple(self.external or ()))
+        object.__setattr__(self, "resources", dict(self.resources or {}))
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    champion_min_accuracy: float = 0.8  # promote a candidate set to `champion` at this sample accuracy
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "dit-digits"
@@ -163,6 +216,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    resume: str | None = None  # a run id: continue that run (its manifest in Redis) instead of a new one
 
     def __post_init__(self) -> None:
         layers = self.model.dit().layers
@@ -174,6 +234,9 @@ class RunConfig:
             )
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r}: must be a non-empty name without '/'")
+        for b in self.workers.external:
+            if not isinstance(b, int) or not 0 <= b < self.blocks.num:
+                raise ConfigError(f"workers.external={list(self.workers.external)}: block {b} is not in 0..{self.blocks.num - 1}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

@@ -53,8 +53,11 @@ class BlockTrainer:
         halflife = min(self.train.ema_halflife_samples, self.samples * self.train.ema_rampup)
         return 0.5 ** (batch / max(halflife, 1e-8))
 
-    def step(self, batch: tuple) -> dict[str, float]:
-        """One optimizer step on ``batch`` with sigma drawn from this block's (widened) range."""
+    def step(self, batch: tuple) -> dict:
+        """One optimizer step on ``batch`` with sigma drawn from this block's (widened) range.
+
+        Returns floats ``loss``, ``grad_norm``, ``lr`` and the detached per-sample ``sigma`` and
+        ``losses`` (for loss-per-sigma-bucket curves)."""
         n = batch[0].shape[0]
         sigma = sample_sigmas(
             n,
@@ -68,7 +71,8 @@ class BlockTrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
-        loss = self.loss_fn(self.net, batch, sigma, self.generator, self.noise.sigma_data).mean()
+        losses = self.loss_fn(self.net, batch, sigma, self.generator, self.noise.sigma_data)
+        loss = losses.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.train.grad_clip)
@@ -76,7 +80,10 @@ class BlockTrainer:
         self.step_count += 1
         self.samples += n
         self._update_ema(n)
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+        return {
+            "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
+            "sigma": sigma.detach().cpu(), "losses": losses.detach().cpu(),
+        }  # fmt: skip
 
     @torch.no_grad()
     def _update_ema(self, batch: int) -> None:

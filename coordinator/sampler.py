@@ -1,0 +1,79 @@
+"""The sampler: load all B registered blocks of one alias, check they form one plan, chain them.
+
+Runs as a Ray actor (coordinator/launch.py) or in-process. It refuses a set with a missing
+block, blocks from different plans (plan hash), or sigma ranges that do not tile
+[sigma_min, sigma_max] contiguously.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dblocks.config import ModelConfig, NoiseConfig, SampleConfig
+from dblocks.data import load_digits_split
+from dblocks.evaluate import chain, evaluate, generate
+from dblocks.metrics import accuracy, train_digits_classifier
+
+from .tracking import load_registered_block, registry_versions
+
+
+class BlockSetError(ValueError):
+    pass
+
+
+def check_block_set(tags: list[dict], prefix: str, alias: str) -> None:
+    """``tags`` of versions ``<prefix>-block0..`` (block order): one plan, every block, contiguous."""
+    where = f"{prefix}-block*@{alias}"
+    if not tags:
+        raise BlockSetError(f"{where}: no registered block {prefix}-block0 has alias {alias!r}; train and register the run first")
+    num = int(tags[0]["num_blocks"])
+    if len(tags) != num:
+        raise BlockSetError(f"{where}: block {len(tags)} of {num} is missing (found {len(tags)} blocks)")
+    hashes = sorted({t["plan_hash"] for t in tags})
+    if len(hashes) > 1:
+        runs = sorted({t.get("run_id", "?") for t in tags})
+        raise BlockSetError(f"{where}: blocks come from {len(hashes)} plans ({', '.join(hashes)}; runs {', '.join(runs)}); "
+                            "point the alias at blocks of one run")  # fmt: skip
+    for b, t in enumerate(tags):
+        if int(t["block"]) != b or int(t["num_blocks"]) != num:
+            raise BlockSetError(f"{where}: {prefix}-block{b} is tagged block {t['block']} of {t['num_blocks']}")
+        if b + 1 < num and not math.isclose(float(t["sigma_lo"]), float(tags[b + 1]["sigma_hi"]), rel_tol=1e-9):
+            raise BlockSetError(f"{where}: sigma ranges are not contiguous: block {b} starts at {t['sigma_lo']}, "
+                                f"block {b + 1} ends at {tags[b + 1]['sigma_hi']}")  # fmt: skip
+
+
+class Sampler:
+    def __init__(self, tracking_uri: str, prefix: str, alias: str):
+        versions = registry_versions(tracking_uri, prefix, alias)
+        check_block_set([v.tags for v in versions], prefix, alias)
+        loaded = [load_registered_block(tracking_uri, v.name, alias) for v in versions]
+        self.nets = [n for n, _, _ in loaded]
+        self.plan = [s for _, s, _ in loaded]
+        self.meta = loaded[0][2]
+        self.noise = NoiseConfig(**self.meta["noise"])
+        self.versions = [(v.name, v.version) for v in versions]
+
+    def info(self) -> dict:
+        return {"versions": self.versions, "plan_hash": self.meta["plan"],
+                "ranges": [(s.sigma_lo, s.sigma_hi) for s in self.plan]}  # fmt: skip
+
+    def sample(self, labels: list[int], sample: dict, seed: int = 0) -> np.ndarray:
+        """Class-conditional samples (N, C, H, W) in [-1, 1] from the chained blocks."""
+        router = chain(self.nets, self.plan, self.noise.sigma_data)
+        dit = ModelConfig(**self.meta["model"]).dit()
+        shape = (dit.channels, dit.image_size, dit.image_size)
+        out = generate(router, torch.tensor(labels), SampleConfig(**sample), self.noise, shape=shape,
+                       null_label=self.nets[0].null_label, seed=seed)  # fmt: skip
+        return out.numpy()
+
+    def evaluate(self, data: dict, sample: dict, ranges: list[tuple[float, float]], seed: int = 0) -> dict:
+        """The core issue's digits metrics for this set (data: test_size, split_seed)."""
+        split = load_digits_split(data["test_size"], data["split_seed"])
+        classifier = train_digits_classifier(split.train_x, split.train_y, seed=0)
+        clf_acc = accuracy(classifier, split.test_x, split.test_y)
+        res = evaluate(self.nets, self.plan, split, classifier, SampleConfig(**sample), self.noise, ranges=ranges, seed=seed)
+        res["classifier_test_accuracy"] = clf_acc  # the judge itself, on real test images
+        return {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in res.items()}

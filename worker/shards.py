@@ -1,0 +1,79 @@
+"""Parquet shards of the training data (pyarrow), one row per example.
+
+Image schema: ``pixels`` fixed_size_list<float32>[C*H*W] (values in [-1, 1]) and ``label``
+int64; the schema metadata carries ``shape`` (C, H, W) and ``num_classes``. Every block reads
+all shards itself; a bad shard or row fails with the shard's name and the row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dblocks.units import Shard
+
+from .storage import Storage
+
+
+class ShardError(ValueError):
+    pass
+
+
+def write_image_shards(storage: Storage, prefix: str, x: torch.Tensor, y: torch.Tensor, num_shards: int,
+                       num_classes: int) -> list[Shard]:  # fmt: skip
+    """Split (N, C, H, W) images and labels into ``num_shards`` contiguous parquet shards under
+    ``prefix``; shards that already exist with the same content are left as they are."""
+    n, shape = len(y), tuple(x.shape[1:])
+    flat = x.reshape(n, -1).numpy().astype(np.float32)
+    bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
+    meta = {b"shape": json.dumps(shape).encode(), b"num_classes": str(num_classes).encode()}
+    shards = []
+    for i in range(num_shards):
+        lo, hi = bounds[i], bounds[i + 1]
+        pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat[lo:hi].reshape(-1)), flat.shape[1])
+        table = pa.table({"pixels": pixels, "label": pa.array(y[lo:hi].numpy(), pa.int64())}).replace_schema_metadata(meta)
+        rel = f"{prefix}/train-{i:05d}-of-{num_shards:05d}.parquet"
+        if not storage.exists(rel):
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            storage.write_bytes(rel, buf.getvalue())
+        shards.append(Shard(rel, int(hi - lo)))
+    return shards
+
+
+def read_image_shard(storage: Storage, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard's images (N, C, H, W) float32 and labels (N,) int64, validated row by row."""
+    name = storage.uri(rel)
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(rel)))
+    except pa.ArrowException as e:
+        raise ShardError(f"{name}: not a readable parquet file ({e})") from None
+    meta = table.schema.metadata or {}
+    for col in ("pixels", "label"):
+        if col not in table.column_names:
+            raise ShardError(f"{name}: missing column {col!r} (has {table.column_names})")
+    if b"shape" not in meta or b"num_classes" not in meta:
+        raise ShardError(f"{name}: schema metadata needs 'shape' and 'num_classes'")
+    shape, num_classes = tuple(json.loads(meta[b"shape"])), int(meta[b"num_classes"])
+    pixels = table.column("pixels").combine_chunks()
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    size = int(np.prod(shape))
+    if pixels.null_count or table.column("label").null_count:
+        row = next(i for i in range(len(table)) if not pixels[i].is_valid or not table.column("label")[i].is_valid)
+        raise ShardError(f"{name} row {row}: null value")
+    if not pa.types.is_fixed_size_list(pixels.type) or pixels.type.list_size != size:
+        raise ShardError(f"{name}: column pixels must be fixed_size_list<float32>[{size}] for shape {shape}, got {pixels.type}")
+    x = np.asarray(pixels.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), *shape)
+    bad = ~np.isfinite(x.reshape(len(table), -1)).all(1) | (np.abs(x.reshape(len(table), -1)) > 1.0 + 1e-6).any(1)
+    if bad.any():
+        raise ShardError(f"{name} row {int(np.argmax(bad))}: pixels must be finite and in [-1, 1]")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ShardError(f"{name} row {row}: label {labels[row]} not in 0..{num_classes - 1}")
+    return torch.from_numpy(x.copy()), torch.from_numpy(labels.astype(np.int64))

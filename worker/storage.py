@@ -1,0 +1,66 @@
+"""Run storage (checkpoints, shards, exported blocks) on a local path or any pyarrow.fs URI.
+
+``Storage("outputs/x/storage")``, ``Storage("file:///data/run")``, ``Storage("s3://bucket/run")``,
+``Storage("gs://...")``, ``Storage("hdfs://...")``: whatever ``pyarrow.fs.FileSystem.from_uri``
+resolves. Writes go to a temporary name and are then moved into place, so a reader never sees
+a torn file and a crash never destroys the previous version.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+class Storage:
+    def __init__(self, root: str):
+        self.root = root
+        try:
+            if "://" in root:
+                self.fs, self._base = pafs.FileSystem.from_uri(root)
+            else:
+                self.fs, self._base = pafs.LocalFileSystem(), str(Path(root).resolve())
+        except (pafs.ArrowInvalid, OSError, ValueError) as e:  # ArrowInvalid subclasses ValueError
+            raise StorageError(f"storage.path={root!r}: {e}") from None
+
+    def path(self, rel: str) -> str:
+        return f"{self._base.rstrip('/')}/{rel}"
+
+    def uri(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        final = self.path(rel)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        self.fs.move(tmp, final)
+
+    def read_bytes(self, rel: str) -> bytes:
+        if not self.exists(rel):
+            raise StorageError(f"{self.uri(rel)} does not exist")
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def put_file(self, local: str | os.PathLike, rel: str) -> None:
+        self.write_bytes(rel, Path(local).read_bytes())
+
+    def get_file(self, rel: str, local: str | os.PathLike) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(self.read_bytes(rel))
+        return local
