@@ -16,14 +16,14 @@ from typing import Callable
 from dblocks.config import RunConfig
 from worker.block_worker import BlockWorker
 
-from .sampler import Sampler
+from .sampler import Sampler, block_set
 
 
 class LaunchError(RuntimeError):
     pass
 
 
-def _check_tcp(address: str) -> None:
+def check_ray_address(address: str) -> None:
     """Fail fast, in one line, when a Ray address is not listening (ray.init would retry for a minute)."""
     hostport = address.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = hostport.rpartition(":")
@@ -44,7 +44,7 @@ class RayLauncher:
         env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
         if cfg.ray.address:
             if cfg.ray.address != "auto":
-                _check_tcp(cfg.ray.address)
+                check_ray_address(cfg.ray.address)
             ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=False)
         elif os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the job's cluster
             ray.init(log_to_driver=False)
@@ -56,22 +56,26 @@ class RayLauncher:
         w = cfg.workers
         self._worker_cls = ray.remote(
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=w.resources or None,
-            max_restarts=w.max_restarts, max_task_retries=0,  # a restarted actor reloads its checkpoint
+            max_restarts=0, max_task_retries=0,  # the coordinator restarts a failed block in a fresh actor
         )(BlockWorker)  # fmt: skip
         self.actors: dict[str, object] = {}
+        self.attempts: dict[str, int] = {}
         self.refs: dict[object, str] = {}
 
     def attach(self, redis_url: str, run_id: str) -> None:
         self.redis_url, self.run_id = redis_url, run_id
 
     def actor_name(self, job: str) -> str:
-        return f"dblocks-{self.run_id}-{job.replace('/', '-')}"
+        return f"dblocks-{self.run_id}-{job.replace('/', '-')}-{self.attempts[job]}"
 
     def submit(self, job: str) -> None:
-        if job not in self.actors:
-            self.actors[job] = self._worker_cls.options(name=self.actor_name(job), namespace="dblocks").remote(
-                self.redis_url, self.run_id, job, consumer=f"actor-{job}"
-            )
+        """Start ``job`` in a fresh actor (a failed one is killed first); it resumes from its checkpoint."""
+        if job in self.actors:
+            self.ray.kill(self.actors.pop(job), no_restart=True)
+        self.attempts[job] = self.attempts.get(job, -1) + 1
+        self.actors[job] = self._worker_cls.options(name=self.actor_name(job), namespace="dblocks").remote(
+            self.redis_url, self.run_id, job, consumer=f"actor-{job}"
+        )
         self.refs[self.actors[job].run.remote()] = job
 
     def poll(self, timeout: float) -> list[tuple[str, dict | None, BaseException | None]]:
@@ -93,6 +97,8 @@ class RayLauncher:
 
     def samplers(self, specs: list[tuple[str, str, str]]) -> list[Callable[[str, tuple], object]]:
         """One sampler actor per (tracking_uri, prefix, alias); returns callers ``call(method, args)``."""
+        for spec in specs:
+            block_set(*spec)  # refuse a bad set here, in one line, not inside an actor
         actor_cls = self.ray.remote(num_cpus=min(1.0, self.cfg.workers.num_cpus), num_gpus=self.cfg.workers.num_gpus)(Sampler)
         actors = [actor_cls.remote(*s) for s in specs]
         return [lambda m, a, _x=x: getattr(_x, m).remote(*a) for x in actors]

@@ -37,10 +37,10 @@ from worker.shards import write_image_shards
 from worker.state import EmbeddedRedis, RunState
 from worker.storage import Storage
 
-from .launch import make_launcher
+from .launch import check_ray_address, make_launcher
 from .progress import Progress
 from .report import format_table, save_grid, write_metrics
-from .tracking import Tracker
+from .tracking import Tracker, check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +204,28 @@ def evaluate_sets(cfg: RunConfig, manifest: dict, tracker: Tracker, launcher, ou
     return results
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside its file (never in the working directory)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
 @contextlib.contextmanager
 def services(cfg: RunConfig, out: Path):
-    """(state, tracker, launcher, storage), connected in that order; stopped on the way out."""
+    """(state, tracker, storage), connected in that order after a check of every address."""
+    uri = default_tracking_uri(cfg)
+    check_reachable(uri)
+    if cfg.ray.address and cfg.ray.address != "auto":
+        check_ray_address(cfg.ray.address)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation chatter
     with contextlib.ExitStack() as stack:
         embedded = None
         if cfg.redis.url is None:
             embedded = stack.enter_context(EmbeddedRedis(out / "redis"))
         state = RunState(cfg.redis.url or embedded.url)
-        artifacts = None if cfg.mlflow.tracking_uri else (out / "mlartifacts").resolve().as_uri()
-        tracker = Tracker(default_tracking_uri(cfg), cfg.mlflow.experiment or cfg.name, artifacts)
-        launcher = make_launcher(cfg, temp_dir=None)
-        stack.callback(launcher.shutdown)
-        yield state, tracker, launcher, Storage(cfg.storage.path or str((out / "storage").resolve()))
+        tracker = Tracker(uri, cfg.mlflow.experiment or cfg.name, artifact_location(uri))
+        yield state, tracker, Storage(cfg.storage.path or str((out / "storage").resolve()))
 
 
 def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
@@ -224,8 +233,10 @@ def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with services(cfg, out) as (state, tracker, launcher, storage):
+    with services(cfg, out) as (state, tracker, storage), contextlib.ExitStack() as stack:
         manifest = resume_run(cfg, state, tracker) if cfg.resume else new_run(cfg, state, tracker, storage)
+        launcher = make_launcher(cfg)
+        stack.callback(launcher.shutdown)
         run_id = manifest["run_id"]
         (out / "last_run").write_text(f"{run_id}\n{state.url}\n")
         log.info("run %s: Redis %s, MLflow %s, storage %s", run_id, state.url, tracker.uri, storage.root)

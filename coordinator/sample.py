@@ -19,12 +19,14 @@ def _main(cfg: DictConfig) -> None:
     from .errors import USER_ERRORS
     from .launch import make_launcher
     from .report import save_grid
-    from .run import default_tracking_uri
+    from .run import artifact_location, default_tracking_uri
+    from .sampler import block_set
     from .tracking import Tracker, registry_versions
 
     try:
         run_cfg = to_run_config(cfg, "alias", "out", "model_prefix")
         uri, prefix = default_tracking_uri(run_cfg), cfg.model_prefix or run_cfg.name
+        block_set(uri, prefix, cfg.alias)  # a bad set fails here, before Ray starts
         launcher = make_launcher(run_cfg)
         try:
             (call,) = launcher.samplers([(uri, prefix, cfg.alias)])
@@ -37,7 +39,7 @@ def _main(cfg: DictConfig) -> None:
         out = Path(cfg.out or Path(run_cfg.output_dir) / f"samples-{cfg.alias}.png")
         save_grid(torch.from_numpy(samples), out, columns=10)
         run_id = registry_versions(uri, prefix, cfg.alias)[0].run_id
-        Tracker(uri, run_cfg.mlflow.experiment or run_cfg.name).log_artifact(run_id, out, f"samples/{cfg.alias}")
+        Tracker(uri, run_cfg.mlflow.experiment or run_cfg.name, artifact_location(uri)).log_artifact(run_id, out, f"samples/{cfg.alias}")
         print(f"{out} (logged to MLflow run {run_id})")
     except USER_ERRORS as e:
         fail(e)

@@ -45,10 +45,16 @@ def check_block_set(tags: list[dict], prefix: str, alias: str) -> None:
                                 f"block {b + 1} ends at {tags[b + 1]['sigma_hi']}")  # fmt: skip
 
 
+def block_set(tracking_uri: str, prefix: str, alias: str) -> list:
+    """The registry versions of ``<prefix>-block*@alias``, checked to be one complete plan."""
+    versions = registry_versions(tracking_uri, prefix, alias)
+    check_block_set([v.tags for v in versions], prefix, alias)
+    return versions
+
+
 class Sampler:
     def __init__(self, tracking_uri: str, prefix: str, alias: str):
-        versions = registry_versions(tracking_uri, prefix, alias)
-        check_block_set([v.tags for v in versions], prefix, alias)
+        versions = block_set(tracking_uri, prefix, alias)
         loaded = [load_registered_block(tracking_uri, v.name, alias) for v in versions]
         self.nets = [n for n, _, _ in loaded]
         self.plan = [s for _, s, _ in loaded]

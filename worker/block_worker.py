@@ -136,7 +136,8 @@ class BlockWorker:
 
         common = dict(pid=os.getpid(), host=socket.gethostname(), consumer=self.consumer, units_total=total,
                       trainable_params=trainable_parameters(net), samples_total=cfg.train.steps * cfg.train.batch_size)  # fmt: skip
-        state.report(run, job, self.consumer, ttl, state="training", units_done=len(applied), samples=trainer.samples, **common)
+        state.report(run, job, self.consumer, ttl, state="training", units_done=len(applied), samples=trainer.samples,
+                     started_at=time.time(), **common)  # fmt: skip
         shards: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         unacked: list[str] = []
         last_ckpt_step = trainer.step_count
@@ -170,7 +171,9 @@ class BlockWorker:
                          loss=metrics["loss"], samples_per_s=rate, step=trainer.step_count)  # fmt: skip
 
         self._export(storage, trainer, spec, cfg, plan_id)
-        state.report(run, job, self.consumer, ttl, state="done", units_done=len(applied), samples=trainer.samples)
+        held = self.held_parameters()["trainable"]  # every trainable parameter alive in this process
+        state.report(run, job, self.consumer, ttl, state="done", units_done=len(applied), samples=trainer.samples,
+                     finished_at=time.time(), process_trainable_params=held)  # fmt: skip
         return {"job": job, "units": len(applied), "step": trainer.step_count, "samples": trainer.samples,
                 "trainable_params": trainable_parameters(net), "pid": os.getpid()}  # fmt: skip
 

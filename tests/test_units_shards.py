@@ -1,0 +1,131 @@
+"""Work units (pure) and parquet shards: counts, seeds, determinism, and bad data named by shard and row."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dblocks.config import RunConfig
+from dblocks.build import block_loss, build_block
+from dblocks.data import load_digits_split
+from dblocks.trainer import BlockTrainer
+from dblocks.units import Shard, apply_unit, make_units, unit_batches
+from coordinator.run import plan_for
+from worker.shards import ShardError, read_image_shard, write_image_shards
+from worker.storage import Storage, StorageError
+
+
+def test_units_cover_exactly_the_steps_and_cycle_over_every_shard():
+    shards = [Shard("a", 100), Shard("b", 90)]
+    units = make_units(1500, 50, shards, seed=0, block=1)
+    assert len(units) == 30 and sum(u.steps for u in units) == 1500
+    assert [u.seq for u in units] == list(range(30))
+    assert [u.shard for u in units[:4]] == ["a", "b", "a", "b"]
+    assert [u.epoch for u in units[:4]] == [0, 0, 1, 1]
+    assert (units[1].row_start, units[1].row_end) == (0, 90)
+    last = make_units(120, 50, shards, seed=0, block=1)
+    assert [u.steps for u in last] == [50, 50, 20]
+
+
+def test_unit_seeds_differ_across_units_blocks_and_run_seeds_and_are_stable():
+    shards = [Shard("a", 100)]
+    a = make_units(500, 50, shards, seed=0, block=0)
+    assert len({u.seed for u in a}) == len(a)
+    assert not {u.seed for u in a} & {u.seed for u in make_units(500, 50, shards, seed=0, block=1)}
+    assert not {u.seed for u in a} & {u.seed for u in make_units(500, 50, shards, seed=1, block=0)}
+    assert a == make_units(500, 50, shards, seed=0, block=0)
+
+
+def test_unit_batches_are_permutations_of_the_range_without_repeats_within_a_pass():
+    (u,) = make_units(7, 7, [Shard("a", 35)], seed=3, block=0)
+    batches = unit_batches(u, 8)  # 4 batches per pass of 35 rows (3 rows dropped), then a new pass
+    assert len(batches) == 7 and all(len(b) == 8 for b in batches)
+    first_pass = torch.cat(batches[:4])
+    assert len(set(first_pass.tolist())) == 32 and first_pass.max() < 35
+    assert all(torch.equal(x, y) for x, y in zip(batches, unit_batches(u, 8)))
+    with pytest.raises(ValueError, match="larger than the 35 rows of shard a"):
+        unit_batches(u, 64)
+
+
+def _trainer(cfg, spec):
+    return BlockTrainer(build_block(cfg.model, spec, cfg.seed), spec, block_loss(cfg.model), cfg.train, cfg.noise, cfg.seed)
+
+
+def test_applying_a_unit_depends_only_on_the_state_before_it_and_the_unit():
+    """What makes re-application after a crash exact: same start state + same unit = same result,
+    whatever the trainer's generator did before."""
+    cfg = RunConfig.from_dict({"model": {"size": "debug"}, "blocks": {"num": 2}, "train": {"batch_size": 16, "device": "cpu"}})
+    spec = plan_for(cfg, 2)[1]
+    data = load_digits_split()
+    units = make_units(6, 3, [Shard("s", 200)], seed=0, block=1)
+    x, y = data.train_x[:200], data.train_y[:200]
+    a, b = _trainer(cfg, spec), _trainer(cfg, spec)
+    apply_unit(a, units[0], x, y)
+    apply_unit(b, units[0], x, y)
+    torch.randn(5, generator=b.generator)  # disturb b's generator between units
+    apply_unit(a, units[1], x, y)
+    apply_unit(b, units[1], x, y)
+    for p, q in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(p, q)
+    c = _trainer(cfg, spec)
+    apply_unit(c, units[1], x, y)  # a different history gives different weights: the test can fail
+    assert not all(torch.equal(p, q) for p, q in zip(a.net.parameters(), c.net.parameters()))
+
+
+@pytest.fixture
+def digits():
+    return load_digits_split()
+
+
+def test_shards_round_trip_exactly_and_are_not_rewritten(tmp_path, digits):
+    st = Storage(str(tmp_path))
+    shards = write_image_shards(st, "data/d", digits.train_x, digits.train_y, 3, num_classes=10)
+    assert [s.rows for s in shards] == [479, 479, 479] and sum(s.rows for s in shards) == 1437
+    xs, ys = zip(*(read_image_shard(st, s.path) for s in shards))
+    assert torch.equal(torch.cat(xs), digits.train_x) and torch.equal(torch.cat(ys), digits.train_y)
+    mtime = (tmp_path / shards[0].path).stat().st_mtime_ns
+    write_image_shards(st, "data/d", digits.train_x, digits.train_y, 3, num_classes=10)
+    assert (tmp_path / shards[0].path).stat().st_mtime_ns == mtime
+
+
+def test_storage_takes_file_uris_like_paths(tmp_path):
+    st = Storage(tmp_path.as_uri())
+    st.write_bytes("a/b.bin", b"xyz")
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"xyz" and st.read_bytes("a/b.bin") == b"xyz"
+    assert not list((tmp_path / "a").glob("*.tmp"))
+    with pytest.raises(StorageError, match="does not exist"):
+        st.read_bytes("missing")
+
+
+def _write(st, rel, table):
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    st.write_bytes(rel, buf.getvalue())
+
+
+def test_bad_rows_fail_with_the_shard_and_the_row(tmp_path, digits):
+    st = Storage(str(tmp_path))
+    (shard,) = write_image_shards(st, "d", digits.train_x[:10], digits.train_y[:10], 1, num_classes=10)
+    table = pq.read_table(io.BytesIO(st.read_bytes(shard.path)))
+    meta = table.schema.metadata
+    labels = table.column("label").to_pylist()
+    labels[7] = 12
+    _write(st, "bad-label.parquet", table.set_column(1, "label", pa.array(labels, pa.int64())).replace_schema_metadata(meta))
+    with pytest.raises(ShardError, match=r"bad-label.parquet row 7: label 12 not in 0..9"):
+        read_image_shard(st, "bad-label.parquet")
+    pixels = table.column("pixels").to_pylist()
+    pixels[3][5] = float("nan")
+    col = pa.FixedSizeListArray.from_arrays(pa.array(sum(pixels, []), pa.float32()), 64)
+    _write(st, "bad-pixel.parquet", table.set_column(0, "pixels", col).replace_schema_metadata(meta))
+    with pytest.raises(ShardError, match=r"bad-pixel.parquet row 3: pixels must be finite"):
+        read_image_shard(st, "bad-pixel.parquet")
+    _write(st, "no-label.parquet", table.drop_columns(["label"]))
+    with pytest.raises(ShardError, match="no-label.parquet: missing column 'label'"):
+        read_image_shard(st, "no-label.parquet")
+    st.write_bytes("junk.parquet", b"not parquet")
+    with pytest.raises(ShardError, match="junk.parquet: not a readable parquet file"):
+        read_image_shard(st, "junk.parquet")
