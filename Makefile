@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements-pins.txt
 
 install: $(STAMP)
 
-run: install                      ## B=3 DiffusionBlocks + end-to-end baseline on digits
+run: install                      ## B=3 DiffusionBlocks (3 Ray actors) + end-to-end baseline on digits
 	$(BIN)/python -m coordinator experiment=dit_digits $(ARGS)
 
 debug: install                    ## the < 1 minute smoke run
@@ -27,11 +27,13 @@ debug: install                    ## the < 1 minute smoke run
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install
+bench: install                    ## benchmarks on an idle machine; rewrite bench/results/
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/scaling.py
 
 bench-quick: install
 	$(BIN)/python bench/memory.py --quick --out /tmp/dblocks-bench-quick
+	$(BIN)/python bench/scaling.py --quick --out /tmp/dblocks-bench-quick
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -82,3 +82,21 @@ def test_importing_the_library_loads_no_service_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# Each service is adapted in a few files of coordinator/ and worker/ (issue: distributed trainer).
+ADAPTERS = {
+    "ray": {"coordinator/launch.py"},
+    "redis": {"worker/state.py"},
+    "mlflow": {"coordinator/tracking.py", "coordinator/pyfunc_block.py"},
+    "pyarrow": {"worker/storage.py", "worker/shards.py"},
+    "hydra": {"coordinator/__main__.py", "coordinator/sample.py", "worker/__main__.py"},
+}
+ROOT = LIBRARY.parent
+
+
+@pytest.mark.parametrize("service", sorted(ADAPTERS))
+def test_each_service_is_imported_only_by_its_adapters(service):
+    users = {p.relative_to(ROOT).as_posix() for d in ("coordinator", "worker") for p in (ROOT / d).rglob("*.py")
+             if service in imported_top_level_names(p.read_text())}  # fmt: skip
+    assert users == ADAPTERS[service]

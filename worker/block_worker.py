@@ -165,7 +165,7 @@ class BlockWorker:
                 unacked, last_ckpt_step = [], trainer.step_count
             rate = unit.steps * cfg.train.batch_size / dt
             state.log_metrics(run, job, {**metrics, "step": trainer.step_count, "samples": trainer.samples,
-                                         "samples_per_s": rate, "unit": unit.seq, "rss_mb": _rss_mb()})  # fmt: skip
+                                         "samples_per_s": rate, "unit": unit.seq, "rss_mb": _rss_mb(), "t": time.time()})  # fmt: skip
             state.incr(run, job, "units_applied")  # every application, re-applications after a crash included
             state.report(run, job, self.consumer, ttl, state="training", units_done=len(applied), samples=trainer.samples,
                          loss=metrics["loss"], samples_per_s=rate, step=trainer.step_count)  # fmt: skip

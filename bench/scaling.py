@@ -1,0 +1,158 @@
+"""Scaling of independent block workers, and the cost of the actor + Redis path.
+
+Everything runs through the real system in ONE run, phases interleaved so machine drift hits
+all of them alike: a local Ray, an embedded redis-server, a sqlite MLflow store, the real
+``BlockWorker`` actors (1 CPU and 1 torch thread each) consuming real work units.
+
+Phases (each a fresh run of the same plan: DiT blocks of a B=2 plan, 1 thread per process):
+  alone-0    block 0's worker alone
+  plain-0    block 0 in a plain loop (``apply_unit`` over the same units, a Ray task, no Redis,
+             no checkpoints): the reference for the overhead
+  together   block 0 and block 1 workers at the same time
+  alone-1, plain-1   the same for block 1
+
+concurrency_ratio  aggregate samples/s of the 2 concurrent workers / mean samples/s of one worker
+                   alone. Rates come from the work units each worker finished while both were
+                   training (the overlap window; start-up skew excluded). Target >= 1.8 (2 cores).
+overhead           per-step time of a worker alone, from the end of its first unit (warm-up) to
+                   the end of its last (Redis reads, acks, progress, metrics and checkpoints
+                   included) / the same for the plain loop - 1. Target <= 3%.
+
+    python bench/scaling.py            # ~6 min, writes bench/results/scaling.json
+    python bench/scaling.py --quick    # < 1 min smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402  (bench scripts may use services directly)
+import torch  # noqa: E402
+
+from coordinator.launch import make_launcher  # noqa: E402
+from coordinator.run import new_run, services  # noqa: E402
+from dblocks.build import block_loss, build_block  # noqa: E402
+from dblocks.config import RunConfig  # noqa: E402
+from dblocks.plan import BlockSpec  # noqa: E402
+from dblocks.trainer import BlockTrainer  # noqa: E402
+from dblocks.units import WorkUnit, apply_unit  # noqa: E402
+from worker.shards import read_image_shard  # noqa: E402
+from worker.storage import Storage  # noqa: E402
+
+
+def plain_loop(cfg_dict: dict, spec: dict, units: list[dict], storage: str) -> float:
+    """Seconds per step of the block in a plain loop over the same units, first unit (warm-up) excluded."""
+    torch.set_num_threads(1)
+    cfg, spec = RunConfig.from_dict(cfg_dict), BlockSpec(**spec)
+    st = Storage(storage)
+    shards = {u["shard"]: read_image_shard(st, u["shard"]) for u in units}
+    trainer = BlockTrainer(build_block(cfg.model, spec, cfg.seed), spec, block_loss(cfg.model), cfg.train, cfg.noise, cfg.seed)
+    for k, u in enumerate(map(WorkUnit.from_dict, units)):
+        x, y = shards[u.shard]
+        apply_unit(trainer, u, x[u.row_start : u.row_end], y[u.row_start : u.row_end])
+        if k == 0:
+            t0, s0 = time.perf_counter(), trainer.step_count
+    return (time.perf_counter() - t0) / (trainer.step_count - s0)
+
+
+def measure(cfg: RunConfig, state, tracker, storage, launcher, jobs: list[str]) -> dict:
+    manifest = new_run(cfg, state, tracker, storage)
+    run = manifest["run_id"]
+    launcher.attach(state.url, run)
+    for j in jobs:
+        launcher.submit(j)
+    done: set[str] = set()
+    while done != set(jobs):
+        for job, _, error in launcher.poll(timeout=1.0):
+            if error is not None:
+                raise error
+            done.add(job)
+    prog = {j: state.progress(run, j) for j in jobs}
+    metrics = {j: state.read_metrics(run, j)[1] for j in jobs}
+    start = max(float(prog[j]["started_at"]) for j in jobs)
+    end = min(float(prog[j]["finished_at"]) for j in jobs)
+    out = {"run": run, "jobs": {}}
+    for j in jobs:
+        inside = [m for m in metrics[j][1:] if start <= m["t"] <= end]  # first unit: warm-up
+        first, last = metrics[j][0], metrics[j][-1]  # per-step time after the first unit, as in plain_loop
+        out["jobs"][j] = {
+            "rate_overlap": statistics.fmean(m["samples_per_s"] for m in inside) if inside else float("nan"),
+            "units_in_overlap": len(inside),
+            "seconds_per_step": (last["t"] - first["t"]) / (last["step"] - first["step"]),
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    size, steps, unit = ("debug", 60, 10) if args.quick else ("tiny", 400, 50)
+    tmp = Path(tempfile.mkdtemp(prefix="dblocks-scaling-"))
+    cfg = RunConfig.from_dict({
+        "name": "scaling", "output_dir": str(tmp), "baseline": False, "blocks": {"num": 2}, "model": {"size": size},
+        "train": {"steps": steps, "unit_steps": unit, "batch_size": 128, "threads": 1, "checkpoint_every": 100, "device": "cpu"},
+        "workers": {"num_cpus": 1}, "ray": {"num_cpus": 2},
+    })  # fmt: skip
+    phases = {}
+    with services(cfg, tmp) as (state, tracker, storage):
+        launcher = make_launcher(cfg)
+        plain = ray.remote(num_cpus=1)(plain_loop)
+        try:
+            for name, jobs in [("alone-0", ["blocks/0"]), ("plain-0", None), ("together", ["blocks/0", "blocks/1"]),
+                               ("alone-1", ["blocks/1"]), ("plain-1", None)]:  # fmt: skip
+                if jobs is None:
+                    b = name[-1]
+                    m = state.manifest(phases[f"alone-{b}"]["run"])
+                    units = [json.loads(f["unit"]) for _, f in state.r.xrange(f"dblocks:{m['run_id']}:blocks/{b}:units")]
+                    sps = ray.get(plain.remote(m["config"], m["jobs"][f"blocks/{b}"]["spec"], units, m["storage"]))
+                    phases[name] = {"seconds_per_step": sps}
+                else:
+                    phases[name] = measure(cfg, state, tracker, storage, launcher, jobs)
+                print(name, json.dumps(phases[name]), flush=True)
+        finally:
+            launcher.shutdown()
+
+    alone = statistics.fmean(phases[f"alone-{b}"]["jobs"][f"blocks/{b}"]["rate_overlap"] for b in range(2))
+    together = sum(phases["together"]["jobs"][f"blocks/{b}"]["rate_overlap"] for b in range(2))
+    overhead = {
+        f"blocks/{b}": phases[f"alone-{b}"]["jobs"][f"blocks/{b}"]["seconds_per_step"] / phases[f"plain-{b}"]["seconds_per_step"] - 1
+        for b in range(2)
+    }  # fmt: skip
+    result = {
+        "command": " ".join(["python", "bench/scaling.py", *map(shlex.quote, sys.argv[1:])]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "ray": ray.__version__},
+        "setup": {"model": size, "blocks": 2, "steps_per_block": steps, "unit_steps": unit, "batch_size": 128,
+                  "threads_per_worker": 1, "checkpoint_every": 100},  # fmt: skip
+        "concurrency_ratio": together / alone,
+        "concurrency_target": 1.8,
+        "samples_per_s_one_worker": alone,
+        "samples_per_s_two_workers": together,
+        "overhead": overhead,
+        "overhead_mean": statistics.fmean(overhead.values()),
+        "overhead_target": 0.03,
+        "phases": phases,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(result, indent=2))
+    print(f"concurrency ratio (2 workers / 1): {result['concurrency_ratio']:.3f} (target >= 1.8)")
+    print(f"actor + Redis overhead per step: " + ", ".join(f"{k} {v:+.1%}" for k, v in overhead.items()) + " (target <= 3%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
