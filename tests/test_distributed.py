@@ -323,3 +323,28 @@ def test_the_same_run_through_ray_job_submit(ray_head, stack):
     assert json.loads((stack["base"] / "submit" / "metrics.json").read_text())["run_id"] == run
     c = client(stack)
     assert all(c.get_model_version_by_alias(f"debug-block{b}", "champion").tags["run_id"] == run for b in range(2))
+
+
+def test_a_killed_coordinator_resumes_its_run_by_id(stack):
+    """SIGKILL the coordinator mid-run; ``resume=<run id>`` finishes the same run from Redis and the
+    checkpoints, with the same weights as an uninterrupted run (the kill test's reference)."""
+    before = runs_of(stack)
+    args = [sys.executable, "-m", "coordinator", *LONG, "workers.backend=inline", *services(stack, "resume")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = _wait(lambda: next(iter(runs_of(stack) - before), None), what="the run")
+    _wait(lambda: int(progress(stack, run, "blocks/0").get("units_done", 0)) >= 4, what="block 0 mid-run")
+    proc.kill()
+    proc.wait()
+    assert progress(stack, run, "blocks/1").get("state") == "queued"
+    done = run_cli("coordinator", *LONG, "workers.backend=inline", f"resume={run}", *services(stack, "resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert runs_of(stack) - before == {run}  # no new run
+    assert json.loads((stack["base"] / "resume" / "metrics.json").read_text())["run_id"] == run
+    ref_dir = stack["base"] / "ref" / "storage" / "runs"
+    (ref_run,) = [p.name for p in ref_dir.iterdir()]
+    for b in range(2):
+        a, e = exported(stack, "resume", run, f"blocks/{b}"), exported(stack, "ref", ref_run, f"blocks/{b}")
+        assert all(torch.equal(a[k], e[k]) for k in a)
+    c = client(stack)
+    (parent,) = c.search_runs([c.get_experiment_by_name("debug").experiment_id], f"tags.`dblocks.run_id` = '{run}'")
+    assert parent.info.status == "FINISHED"

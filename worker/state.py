@@ -189,9 +189,27 @@ class EmbeddedRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
+    def _stop_orphan(self) -> None:
+        """A coordinator killed hard leaves its redis-server running on this data dir: stop it
+        (SIGTERM: it flushes its AOF) before a new one opens the same files."""
+        pidfile = self.data_dir / "redis.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"redis-server" not in f.read():
+                    return
+            os.kill(pid, 15)
+        except (OSError, ValueError):
+            return
+        deadline = time.time() + 10
+        while time.time() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+
     def start(self) -> "EmbeddedRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
         cmd = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+               "--pidfile", str(self.data_dir / "redis.pid"),
                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
                "--logfile", str(self.data_dir / "redis.log")]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
