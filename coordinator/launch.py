@@ -51,7 +51,8 @@ class RayLauncher:
         else:  # logical CPUs: enough for every block's actor at once (they share the cores)
             jobs = cfg.blocks.num + (1 if cfg.baseline and cfg.blocks.num > 1 else 0)
             cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(jobs * cfg.workers.num_cpus))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
+            ray.init(address="local", num_cpus=cpus, num_gpus=cfg.ray.num_gpus, resources=cfg.ray.resources or None,
+                     include_dashboard=False, runtime_env=env,
                      log_to_driver=False, _temp_dir=temp_dir)  # fmt: skip
         w = cfg.workers
         self._worker_cls = ray.remote(

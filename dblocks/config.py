@@ -159,7 +159,9 @@ class SampleConfig:
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: local Ray (or the cluster when run under `ray job submit`)
-    num_cpus: int | None = None  # CPUs of the local Ray; None = the machine's
+    num_cpus: int | None = None  # CPUs of the local Ray; None = enough for one actor per block
+    num_gpus: int | None = None  # GPUs of the local Ray; None = detected (set it to test placement without GPUs)
+    resources: dict = field(default_factory=dict)  # custom resources of the local Ray, e.g. {"A100": 2}
 
 
 @dataclass(frozen=True)

@@ -348,3 +348,17 @@ def test_a_killed_coordinator_resumes_its_run_by_id(stack):
     c = client(stack)
     (parent,) = c.search_runs([c.get_experiment_by_name("debug").experiment_id], f"tags.`dblocks.run_id` = '{run}'")
     assert parent.info.status == "FINISHED"
+
+
+def test_block_actors_are_placed_by_gpu_and_custom_resources(stack):
+    """Logical GPUs (no hardware): two blocks with workers.num_gpus=0.5 share the one GPU, pinned
+    by a custom resource, and train at the same time; on a machine without CUDA they fall back to the CPU."""
+    before = runs_of(stack)
+    proc = run_cli("coordinator", *TINY, "baseline=false", "ray.num_gpus=1", "ray.resources={A100:2}",
+                   "workers.num_gpus=0.5", "workers.resources={A100:1}", *services(stack, "gpu"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs_of(stack) - before
+    p = [progress(stack, run, f"blocks/{b}") for b in range(2)]
+    assert [q["cuda_visible_devices"] for q in p] == ["0", "0"]  # Ray gave both the same GPU
+    assert max(float(q["started_at"]) for q in p) < min(float(q["finished_at"]) for q in p)
+    assert all(q["device"] == ("cuda" if torch.cuda.is_available() else "cpu") for q in p)

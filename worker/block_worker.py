@@ -134,7 +134,8 @@ class BlockWorker:
                 path = save_checkpoint(Path(tmp) / "ckpt.safetensors", tensors, {**meta, "plan": plan_id, "units": applied})
                 storage.put_file(path, ckpt)
 
-        common = dict(pid=os.getpid(), host=socket.gethostname(), consumer=self.consumer, units_total=total,
+        common = dict(pid=os.getpid(), host=socket.gethostname(), consumer=self.consumer, units_total=total, device=str(device),
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                       trainable_params=trainable_parameters(net), samples_total=cfg.train.steps * cfg.train.batch_size)  # fmt: skip
         state.report(run, job, self.consumer, ttl, state="training", units_done=len(applied), samples=trainer.samples,
                      started_at=time.time(), **common)  # fmt: skip
