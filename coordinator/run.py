@@ -67,12 +67,22 @@ def model_plans(cfg: RunConfig) -> dict[str, list[BlockSpec]]:
     return plans
 
 
-def registered_name(cfg: RunConfig, model: str, index: int) -> str:
-    return f"{cfg.name}-block{index}" if model == "blocks" else f"{cfg.name}-e2e-block{index}"
-
-
 def prefix_of(cfg: RunConfig, model: str) -> str:
     return cfg.name if model == "blocks" else f"{cfg.name}-e2e"
+
+
+def registered_name(cfg: RunConfig, model: str, index: int) -> str:
+    return f"{prefix_of(cfg, model)}-block{index}"
+
+
+def plan_id_of(cfg: RunConfig, plan: list[BlockSpec]) -> str:
+    """What the blocks of a plan must agree on; training settings (steps, lr, ...) are not part of it."""
+    return plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
+
+
+def eval_ranges(cfg: RunConfig) -> list[tuple[float, float]]:
+    """The sigma ranges of the per-range held-out loss: the DiffusionBlocks plan's, for both models."""
+    return [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
 
 
 def default_tracking_uri(cfg: RunConfig) -> str:
@@ -91,7 +101,7 @@ def new_run(cfg: RunConfig, state: RunState, tracker: Tracker, storage: Storage)
     tracker.log_params(parent, cfg.to_dict())
     jobs, units = {}, {}
     for model, plan in model_plans(cfg).items():
-        plan_id = plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
+        plan_id = plan_id_of(cfg, plan)
         for spec in plan:
             job = f"{model}/{spec.index}"
             units[job] = make_units(cfg.train.steps, cfg.train.unit_steps, shards, derive_seed(cfg.seed, model), spec.index)
@@ -112,7 +122,7 @@ def new_run(cfg: RunConfig, state: RunState, tracker: Tracker, storage: Storage)
 def resume_run(cfg: RunConfig, state: RunState, tracker: Tracker) -> dict:
     manifest = state.manifest(cfg.resume)
     for model, plan in model_plans(cfg).items():
-        plan_id = plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
+        plan_id = plan_id_of(cfg, plan)
         theirs = manifest["jobs"].get(f"{model}/0", {}).get("plan_id")
         if theirs != plan_id:
             raise ConfigError(f"resume={cfg.resume}: this config's {model} plan ({plan_id}) is not the run's ({theirs}); "
@@ -181,8 +191,7 @@ def evaluate_sets(cfg: RunConfig, manifest: dict, tracker: Tracker, launcher, ou
     """Load each registered set back through a sampler actor, evaluate, log grids; promote to champion."""
     models = [m for m in MODELS if any(j["model"] == m for j in manifest["jobs"].values())]
     callers = launcher.samplers([(tracker.uri, prefix_of(cfg, m), "candidate") for m in models])
-    ranges = [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
-    pending = [c("evaluate", (asdict(cfg.data), asdict(cfg.sample), ranges, cfg.seed)) for c in callers]
+    pending = [c("evaluate", (asdict(cfg.data), asdict(cfg.sample), eval_ranges(cfg), cfg.seed)) for c in callers]
     results, parent = {}, manifest["mlflow"]["parent"]
     for m, res in zip(models, launcher.get(pending)):
         name = f"{MODELS[m]} B={cfg.blocks.num}" if m == "blocks" else MODELS[m]
@@ -259,10 +268,9 @@ def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
             results = {}
             if set(manifest["registered"]) == set(manifest["jobs"]):
                 results = evaluate_sets(cfg, manifest, tracker, launcher, out)
-                ranges = [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
                 print(f"\nrun {run_id}: guidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, "
                       f"{cfg.train.steps} steps per block")  # fmt: skip
-                print(format_table(results, ranges))
+                print(format_table(results, eval_ranges(cfg)))
                 path = write_metrics(results, out / "metrics.json", run_id=run_id, config=cfg.to_dict(),
                                      train_seconds=train_seconds, wall_seconds=time.perf_counter() - t_start,
                                      registered=manifest["registered"])  # fmt: skip

@@ -20,8 +20,10 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import torch
 
 from dblocks.build import block_loss, build_block
@@ -65,12 +67,7 @@ def bucket_losses(sigma: torch.Tensor, losses: torch.Tensor, lo: float, hi: floa
 
 
 def _rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # pragma: no cover
-        return float("nan")
+    return psutil.Process().memory_info().rss / 2**20
 
 
 class BlockWorker:
@@ -192,7 +189,7 @@ class BlockWorker:
         }
 
     def _export(self, storage: Storage, trainer: BlockTrainer, spec: BlockSpec, cfg: RunConfig, plan_id: str) -> None:
-        meta = {"spec": spec.__dict__, "model": cfg.to_dict()["model"], "noise": cfg.to_dict()["noise"], "plan": plan_id,
+        meta = {"spec": asdict(spec), "model": asdict(cfg.model), "noise": asdict(cfg.noise), "plan": plan_id,
                 "seed": cfg.seed, "step": trainer.step_count, "samples": trainer.samples}  # fmt: skip
         tensors = {k: v.cpu() for k, v in trainer.ema.state_dict().items()}
         with tempfile.TemporaryDirectory() as tmp:
