@@ -46,12 +46,11 @@ import torch  # noqa: E402
 
 from coordinator.launch import make_launcher  # noqa: E402
 from coordinator.run import new_run, services  # noqa: E402
-from dblocks.build import block_loss, build_block  # noqa: E402
+from dblocks.build import make_trainer  # noqa: E402
 from dblocks.config import RunConfig  # noqa: E402
 from dblocks.plan import BlockSpec  # noqa: E402
-from dblocks.trainer import BlockTrainer  # noqa: E402
 from dblocks.units import WorkUnit, apply_unit  # noqa: E402
-from worker.shards import read_image_shard  # noqa: E402
+from worker.shards import read_shard  # noqa: E402
 from worker.storage import Storage  # noqa: E402
 
 
@@ -60,11 +59,10 @@ def plain_loop(cfg_dict: dict, spec: dict, units: list[dict], storage: str) -> f
     torch.set_num_threads(1)
     cfg, spec = RunConfig.from_dict(cfg_dict), BlockSpec(**spec)
     st = Storage(storage)
-    shards = {u["shard"]: read_image_shard(st, u["shard"]) for u in units}
-    trainer = BlockTrainer(build_block(cfg.model, spec, cfg.seed), spec, block_loss(cfg.model), cfg.train, cfg.noise, cfg.seed)
+    shards = {u["shard"]: read_shard(st, u["shard"]) for u in units}
+    trainer = make_trainer(cfg, spec)
     for k, u in enumerate(map(WorkUnit.from_dict, units)):
-        x, y = shards[u.shard]
-        apply_unit(trainer, u, x[u.row_start : u.row_end], y[u.row_start : u.row_end])
+        apply_unit(trainer, u, tuple(c[u.row_start : u.row_end] for c in shards[u.shard]))
         if k == 0:
             t0, s0 = time.perf_counter(), trainer.step_count
     return (time.perf_counter() - t0) / (trainer.step_count - s0)

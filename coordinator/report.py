@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from dblocks.data import unscale_pixels
+from dblocks.evaluate import ROWS
 
 
 def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4) -> Path:
@@ -26,21 +27,15 @@ def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4
     return path
 
 
-ROWS = [
-    ("held-out loss, sigma ~ p", "heldout_loss", "{:.4f}"),
-    ("FD pixel", "fd_pixel", "{:.3f}"),
-    ("FD classifier features", "fd_feature", "{:.3f}"),
-    ("classifier acc. on samples", "sample_accuracy", "{:.1%}"),
-]
-
-
-def format_table(results: dict[str, dict], ranges: list[tuple[float, float]]) -> str:
+def format_table(results: dict[str, dict], ranges: list[tuple[float, float]], family: str = "dit") -> str:
     """One column per model (e.g. 'DiffusionBlocks B=3', 'end-to-end'), one row per metric."""
     names = list(results)
-    rows = [(label, [fmt.format(results[n][key]) for n in names]) for label, key, fmt in ROWS]
-    for i, (lo, hi) in enumerate(ranges):
-        rows.append((f"held-out loss, block {i} [{lo:.3g}, {hi:.3g}]",
-                     [f"{results[n]['heldout_loss_per_range'][i]:.4f}" for n in names]))  # fmt: skip
+    cell = lambda r, key, fmt: fmt.format(r[key]) if isinstance(r.get(key), float) else "-"  # noqa: E731
+    rows = [(label, [cell(results[n], key, fmt) for n in names]) for label, key, fmt in ROWS[family]]
+    if family == "dit":
+        for i, (lo, hi) in enumerate(ranges):
+            rows.append((f"held-out loss, block {i} [{lo:.3g}, {hi:.3g}]",
+                         [f"{results[n]['heldout_loss_per_range'][i]:.4f}" for n in names]))  # fmt: skip
     width = max(len(r[0]) for r in rows)
     colw = [max(len(n), 10) for n in names]
     lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, colw))]

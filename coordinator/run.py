@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 from dblocks.config import ConfigError, RunConfig
+from dblocks.build import eval_ranges, model_plans
 from dblocks.data import load_digits_split
-from dblocks.plan import BlockSpec, make_plan, plan_hash
+from dblocks.evaluate import passes
+from dblocks.plan import BlockSpec, plan_hash
+from dblocks.text import VOCAB_SIZE, load_text_split
 from dblocks.seeds import derive_seed
 from dblocks.units import make_units
 from worker.block_worker import export_rel
-from worker.shards import write_image_shards
+from worker.shards import write_image_shards, write_text_shards
 from worker.state import EmbeddedRedis, RunState
 from worker.storage import Storage
 
@@ -51,22 +54,6 @@ class RunFailed(RuntimeError):
     pass
 
 
-def plan_for(cfg: RunConfig, num_blocks: int) -> list[BlockSpec]:
-    n = cfg.noise
-    return make_plan(
-        num_blocks, cfg.model.dit().layers, gamma=cfg.blocks.gamma, partition=cfg.blocks.partition,
-        sigma_min=n.sigma_min, sigma_max=n.sigma_max, p_mean=n.p_mean, p_std=n.p_std,
-    )  # fmt: skip
-
-
-def model_plans(cfg: RunConfig) -> dict[str, list[BlockSpec]]:
-    """``blocks``: the DiffusionBlocks plan; ``e2e``: the end-to-end baseline (one block of all L layers)."""
-    plans = {"blocks": plan_for(cfg, cfg.blocks.num)} if cfg.blocks.num > 1 else {}
-    if cfg.baseline or cfg.blocks.num == 1:
-        plans["e2e"] = plan_for(cfg, 1)
-    return plans
-
-
 def prefix_of(cfg: RunConfig, model: str) -> str:
     return cfg.name if model == "blocks" else f"{cfg.name}-e2e"
 
@@ -80,20 +67,25 @@ def plan_id_of(cfg: RunConfig, plan: list[BlockSpec]) -> str:
     return plan_hash(plan, model=asdict(cfg.model), noise=asdict(cfg.noise), seed=cfg.seed)
 
 
-def eval_ranges(cfg: RunConfig) -> list[tuple[float, float]]:
-    """The sigma ranges of the per-range held-out loss: the DiffusionBlocks plan's, for both models."""
-    return [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
-
-
 def default_tracking_uri(cfg: RunConfig) -> str:
     return cfg.mlflow.tracking_uri or f"sqlite:///{Path(cfg.output_dir).resolve()}/mlflow.db"
 
 
-def new_run(cfg: RunConfig, state: RunState, tracker: Tracker, storage: Storage) -> dict:
-    run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+def write_train_shards(cfg: RunConfig, storage: Storage) -> list:
+    """The train split of the family's built-in data as parquet shards (kept if already written)."""
+    if cfg.data.source == "text":
+        seq_len = cfg.model.resolved().seq_len
+        windows = load_text_split(seq_len, cfg.data.split_seed).train
+        prefix = f"data/text-seq{seq_len}-split{cfg.data.split_seed}"
+        return write_text_shards(storage, prefix, windows, cfg.data.shards, vocab_size=VOCAB_SIZE)
     data = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
     prefix = f"data/digits-test{cfg.data.test_size}-split{cfg.data.split_seed}"
-    shards = write_image_shards(storage, prefix, data.train_x, data.train_y, cfg.data.shards, num_classes=10)
+    return write_image_shards(storage, prefix, data.train_x, data.train_y, cfg.data.shards, num_classes=10)
+
+
+def new_run(cfg: RunConfig, state: RunState, tracker: Tracker, storage: Storage) -> dict:
+    run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    shards = write_train_shards(cfg, storage)
     if cfg.train.batch_size > min(s.rows for s in shards):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: larger than a shard "
                           f"({min(s.rows for s in shards)} rows); use fewer data.shards")  # fmt: skip
@@ -188,28 +180,35 @@ def register(cfg: RunConfig, manifest: dict, state: RunState, tracker: Tracker, 
 
 
 def evaluate_sets(cfg: RunConfig, manifest: dict, tracker: Tracker, launcher, out: Path) -> dict:
-    """Load each registered set back through a sampler actor, evaluate, log grids; promote to champion."""
+    """Load each registered set back through a sampler actor, evaluate, log samples; promote to champion."""
     models = [m for m in MODELS if any(j["model"] == m for j in manifest["jobs"].values())]
     callers = launcher.samplers([(tracker.uri, prefix_of(cfg, m), "candidate") for m in models])
-    pending = [c("evaluate", (asdict(cfg.data), asdict(cfg.sample), eval_ranges(cfg), cfg.seed)) for c in callers]
+    pending = [c("evaluate", (cfg.to_dict(),)) for c in callers]
     results, parent = {}, manifest["mlflow"]["parent"]
     for m, res in zip(models, launcher.get(pending)):
         name = f"{MODELS[m]} B={cfg.blocks.num}" if m == "blocks" else MODELS[m]
         res = {k: torch.tensor(v) if hasattr(v, "__array__") and not isinstance(v, float) else v for k, v in res.items()}
         results[name] = res
-        shown = min(cfg.sample.per_class, 10)  # a 10 x 10 grid: row = digit
-        per_class = res["samples"].reshape(10, cfg.sample.per_class, *res["samples"].shape[1:])[:, :shown]
-        grid = save_grid(per_class.flatten(0, 1), out / m / "samples.png", columns=shown)
-        tracker.log_artifact(parent, grid, f"samples/{m}")
+        if "samples" in res:  # images: a 10 x 10 grid, row = digit
+            shown = min(cfg.sample.per_class, 10)
+            per_class = res["samples"].reshape(10, cfg.sample.per_class, *res["samples"].shape[1:])[:, :shown]
+            shown_path = save_grid(per_class.flatten(0, 1), out / m / "samples.png", columns=shown)
+        elif "sample_text" in res:
+            shown_path = out / m / "sample.txt"
+            shown_path.parent.mkdir(parents=True, exist_ok=True)
+            shown_path.write_text(res["sample_text"])
+        else:
+            shown_path = None
+        if shown_path is not None:
+            tracker.log_artifact(parent, shown_path, f"samples/{m}")
         tracker.log_metrics(parent, {f"{m}/{k}": v for k, v in res.items() if isinstance(v, float)}, step=0)
-        passed = res["sample_accuracy"] >= cfg.registry.champion_min_accuracy
-        res["champion"] = passed
+        res["champion"] = passed = passes(cfg, res)
         jobs = [j for j, info in manifest["jobs"].items() if info["model"] == m]
         if passed:
             for j in jobs:
                 tracker.set_alias(manifest["jobs"][j]["registered_model"], "champion", manifest["registered"][j])
-        log.info("%s: sample grid %s; %s", name, grid, "promoted to champion" if passed else
-                 f"stays candidate (accuracy {res['sample_accuracy']:.1%} < {cfg.registry.champion_min_accuracy:.0%})")  # fmt: skip
+        log.info("%s: samples %s; %s", name, shown_path, "promoted to champion" if passed else
+                 "stays candidate (below the registry.champion_* threshold)")  # fmt: skip
     return results
 
 
@@ -270,7 +269,7 @@ def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
                 results = evaluate_sets(cfg, manifest, tracker, launcher, out)
                 print(f"\nrun {run_id}: guidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, "
                       f"{cfg.train.steps} steps per block")  # fmt: skip
-                print(format_table(results, eval_ranges(cfg)))
+                print(format_table(results, eval_ranges(cfg), cfg.model.family))
                 path = write_metrics(results, out / "metrics.json", run_id=run_id, config=cfg.to_dict(),
                                      train_seconds=train_seconds, wall_seconds=time.perf_counter() - t_start,
                                      registered=manifest["registered"])  # fmt: skip

@@ -12,10 +12,8 @@ import math
 import numpy as np
 import torch
 
-from dblocks.config import ModelConfig, NoiseConfig, SampleConfig
-from dblocks.data import load_digits_split
-from dblocks.evaluate import chain, evaluate, generate
-from dblocks.metrics import accuracy, train_digits_classifier
+from dblocks.config import ModelConfig, NoiseConfig, RunConfig, SampleConfig
+from dblocks.evaluate import chain, evaluate_model, generate
 
 from .tracking import load_registered_block, registry_versions
 
@@ -75,11 +73,8 @@ class Sampler:
                        null_label=self.nets[0].null_label, seed=seed)  # fmt: skip
         return out.numpy()
 
-    def evaluate(self, data: dict, sample: dict, ranges: list[tuple[float, float]], seed: int = 0) -> dict:
-        """The core issue's digits metrics for this set (data: test_size, split_seed)."""
-        split = load_digits_split(data["test_size"], data["split_seed"])
-        classifier = train_digits_classifier(split.train_x, split.train_y, seed=0)
-        clf_acc = accuracy(classifier, split.test_x, split.test_y)
-        res = evaluate(self.nets, self.plan, split, classifier, SampleConfig(**sample), self.noise, ranges=ranges, seed=seed)
-        res["classifier_test_accuracy"] = clf_acc  # the judge itself, on real test images
+    def evaluate(self, config: dict) -> dict:
+        """The family's metrics for this set (``config``: the run's RunConfig as a dict)."""
+        cfg = RunConfig.from_dict(config)
+        res = evaluate_model(self.nets, self.plan, cfg, baseline=self.meta.get("baseline", False))
         return {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in res.items()}

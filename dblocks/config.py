@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .models.dit import DiTConfig, dit_config
+from .models.dit import DiTConfig
 from .noise import PARTITION_KINDS
 
 
@@ -54,49 +54,87 @@ class BlocksConfig:
             raise ConfigError(f"blocks.partition={self.partition!r}: must be one of {', '.join(PARTITION_KINDS)}")
 
 
+def _config_fn(family: str):
+    """model.family -> its size registry's config function (each model module needs torch only)."""
+    if family == "dit":
+        from .models.dit import dit_config as fn
+    elif family == "vit":
+        from .models.vit import vit_config as fn
+    elif family == "ar":
+        from .models.ar import ar_config as fn
+    elif family == "mdm":
+        from .models.mdm import mdm_config as fn
+    else:
+        from .models.recurrent import recurrent_config as fn
+    return fn
+
+
+FAMILY_DATA = {"dit": "digits", "vit": "digits", "ar": "text", "mdm": "text", "recurrent": "text"}
+FAMILY_NAMES = tuple(FAMILY_DATA)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """``model.*``: a family, a named size and overrides; a key the family lacks is an error."""
+
     family: str = "dit"
     size: str = "tiny"
-    layers: int | None = None  # None: the size's default depth
+    layers: int | None = None  # None: the size's default total depth L
     width: int | None = None
     heads: int | None = None
-    patch: int | None = None
-    label_dropout: float | None = None
+    patch: int | None = None  # dit, vit
+    label_dropout: float | None = None  # dit (classifier-free guidance)
+    seq_len: int | None = None  # text families: context length in characters
+    mixed: bool | None = None  # ar: add the plain next-token loss at the lowest-noise block
+    schedule: str | None = None  # mdm: masking schedule alpha(t), linear | cosine
+    prelude: int | None = None  # recurrent: layer counts of prelude / core / coda
+    core: int | None = None
+    coda: int | None = None
+    iterations: int | None = None  # recurrent: K core iterations at inference (and the baseline's unroll)
+    bptt: int | None = None  # recurrent baseline: backprop through the last bptt iterations
 
     def __post_init__(self) -> None:
-        if self.family != "dit":
-            raise ConfigError(f"model.family={self.family!r}: only 'dit' is available")
-        self.dit()  # validates size and overrides
+        if self.family not in FAMILY_NAMES:
+            raise ConfigError(f"model.family={self.family!r}: choose one of {', '.join(FAMILY_NAMES)}")
+        self.resolved()  # validates size and overrides
 
-    def dit(self) -> DiTConfig:
+    @property
+    def data(self) -> str:
+        """The built-in data source this family trains on (digits or text)."""
+        return FAMILY_DATA[self.family]
+
+    def resolved(self):
+        """The family's typed config (DiTConfig, ViTConfig, ...) for this size and overrides."""
+        make = _config_fn(self.family)
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("family", "size")}
         try:
-            return dit_config(
-                self.size,
-                layers=self.layers,
-                width=self.width,
-                heads=self.heads,
-                patch=self.patch,
-                label_dropout=self.label_dropout,
-            )
+            return make(self.size, **overrides)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def dit(self) -> DiTConfig:
+        if self.family != "dit":
+            raise ConfigError(f"model.family={self.family!r}: this needs the dit family")
+        return self.resolved()
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "digits"
-    test_size: int = 360
+    source: str = "digits"  # digits (scikit-learn, images) | text (Shakespeare, characters)
+    test_size: int = 360  # digits: the fixed held-out images (text: 2% validation + 2% test, fixed)
     split_seed: int = 0
     shards: int = 2  # parquet shards of the train split; work units cycle over them
 
     def __post_init__(self) -> None:
-        if self.source != "digits":
-            raise ConfigError(f"data.source={self.source!r}: only 'digits' is built in")
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source={self.source!r}: built in are {', '.join(DATA_SOURCES)}")
         if not 0 < self.test_size < 1797:
             raise ConfigError(f"data.test_size={self.test_size}: must be in 1..1796")
         if not isinstance(self.shards, int) or self.shards < 1:
             raise ConfigError(f"data.shards={self.shards}: must be an integer >= 1")
+
+
+DATA_SOURCES = ("digits", "text")
 
 
 @dataclass(frozen=True)
@@ -110,6 +148,7 @@ class TrainConfig:
     warmup_samples: int = 10_000
     ema_halflife_samples: int = 20_000
     ema_rampup: float = 0.1  # EMA half-life is at most this fraction of the samples seen (EDM)
+    loss_weighting: bool = True  # w(sigma) of Eq. 6; false = the unweighted ablation (sigma families)
     unit_steps: int = 50  # optimizer steps per work unit (the unit of dispatch, ack and resume)
     checkpoint_every: int = 500  # steps; rounded up to a whole work unit
     log_every: int = 100  # steps
@@ -203,7 +242,8 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    champion_min_accuracy: float = 0.8  # promote a candidate set to `champion` at this sample accuracy
+    champion_min_accuracy: float = 0.8  # digits families: promote a set to `champion` at this accuracy
+    champion_max_bpc: float = 3.5  # text families: promote at or below this many bits per character
 
 
 @dataclass(frozen=True)
@@ -227,7 +267,15 @@ class RunConfig:
     resume: str | None = None  # a run id: continue that run (its manifest in Redis) instead of a new one
 
     def __post_init__(self) -> None:
-        layers = self.model.dit().layers
+        m = self.model
+        if m.data != self.data.source:
+            raise ConfigError(f"model.family={m.family} trains on data={m.data}, not data={self.data.source}: "
+                              f"add data={m.data} (or use experiment={m.family}_{m.data})")  # fmt: skip
+        layers = m.resolved().layers
+        if m.family == "recurrent" and self.blocks.num != 1:
+            raise ConfigError(f"blocks.num={self.blocks.num}: the recurrent family trains its core as one block; use blocks.num=1")
+        if m.family == "mdm" and not self.train.loss_weighting:
+            raise ConfigError("train.loss_weighting=false: the mdm family's ELBO weight is not an ablation; keep it true")
         if self.blocks.num > layers:
             raise ConfigError(f"blocks.num={self.blocks.num}: more blocks than model.layers={layers}")
         if layers % self.blocks.num:

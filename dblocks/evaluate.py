@@ -1,21 +1,22 @@
-"""Evaluate a set of trained blocks (or the end-to-end model, B=1) on the digits task.
+"""Evaluate a trained model: ``evaluate_model`` for any family; the DiT's digits metrics here.
 
-Metrics (issue: core, point 6): held-out Eq. 6 loss over sigma ~ p and per block range,
+The DiT's metrics (issue: core, point 6): held-out Eq. 6 loss over sigma ~ p and per block range,
 pixel-space and classifier-feature Frechet distance between test images and samples, and the
 classifier's accuracy on class-conditional samples. Samples are clamped to [-1, 1].
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .build import block_denoiser
+from .build import block_denoiser, eval_ranges
 from .config import NoiseConfig, SampleConfig
-from .data import ImageSplit
-from .metrics import DigitsClassifier, accuracy, frechet_distance, heldout_loss
+from .data import ImageSplit, load_digits_split
+from .metrics import DigitsClassifier, accuracy, frechet_distance, heldout_loss, train_digits_classifier
 from .noise import inference_sigmas, karras_sigmas
 from .plan import BlockSpec, plan_boundaries
 from .sampling import BlockRouter, classifier_free_guidance, sample_euler
@@ -86,3 +87,75 @@ def evaluate(
         "samples": samples,
         "labels": labels,
     }
+
+
+# ---- every family: one entry point for the sampler actor, the benchmark and the tests ----------
+ROWS: dict[str, list[tuple[str, str, str]]] = {  # family -> (label, result key, format) of the results table
+    "dit": [
+        ("held-out loss, sigma ~ p", "heldout_loss", "{:.4f}"),
+        ("FD pixel", "fd_pixel", "{:.3f}"),
+        ("FD classifier features", "fd_feature", "{:.3f}"),
+        ("classifier acc. on samples", "sample_accuracy", "{:.1%}"),
+    ],
+    "vit": [("test accuracy", "test_accuracy", "{:.2%}")],
+    "ar": [
+        ("val CE at sigma_min (nats/char)", "val_ce", "{:.3f}"),
+        ("val CE at sigma_max (nats/char)", "val_ce_sigma_max", "{:.3f}"),
+        ("val next-char accuracy", "val_accuracy", "{:.1%}"),
+    ],
+    "mdm": [("test bits per character (ELBO)", "test_bpc", "{:.3f}")],
+    "recurrent": [
+        ("val loss (nats/char)", "val_loss", "{:.3f}"),
+        ("val bits per character", "val_bpc", "{:.3f}"),
+        ("val next-char accuracy", "val_accuracy", "{:.1%}"),
+    ],
+}
+
+
+def evaluate_model(nets: Sequence[nn.Module], plan: Sequence[BlockSpec], cfg, *, baseline: bool) -> dict:
+    """The family's metrics for one trained model: B blocks, or ``[baseline net]`` with ``baseline``.
+
+    ``cfg`` is the run's RunConfig; data come from the built-in sources (``cfg.data``)."""
+    fam, n, plan = cfg.model.family, cfg.noise, list(plan)
+    noise = dict(sigma_min=n.sigma_min, sigma_max=n.sigma_max, p_mean=n.p_mean, p_std=n.p_std)
+    if fam == "dit":
+        split = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
+        classifier = train_digits_classifier(split.train_x, split.train_y, seed=0)
+        res = evaluate(nets, plan, split, classifier, cfg.sample, n, ranges=eval_ranges(cfg), seed=cfg.seed)
+        res["classifier_test_accuracy"] = accuracy(classifier, split.test_x, split.test_y)  # the judge itself
+        return res
+    if fam == "vit":
+        from .models.vit import evaluate_vit
+
+        split = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
+        return evaluate_vit(list(nets), plan, split, baseline=baseline, seed=cfg.seed, **noise)
+    from .text import load_text_split
+
+    split = load_text_split(cfg.model.resolved().seq_len, cfg.data.split_seed)
+    if fam == "ar":
+        from .models.ar import evaluate_ar
+
+        return evaluate_ar(list(nets), plan, split, baseline=baseline, seed=cfg.seed, **noise)
+    if fam == "mdm":
+        from .models.mdm import evaluate_mdm
+
+        return evaluate_mdm(list(nets), plan, split, baseline=baseline, seed=cfg.seed)
+    from .models.recurrent import evaluate_recurrent
+
+    return evaluate_recurrent(list(nets), plan, split, baseline=baseline, seed=cfg.seed, **noise)
+
+
+def passes(cfg, results: dict) -> bool:
+    """Whether a set earns the registry's ``champion`` alias (``registry.*`` thresholds)."""
+    fam, r = cfg.model.family, cfg.registry
+    if fam in ("dit", "vit"):
+        return results["sample_accuracy" if fam == "dit" else "test_accuracy"] >= r.champion_min_accuracy
+    return bits_per_char(cfg, results) <= r.champion_max_bpc
+
+
+def bits_per_char(cfg, results: dict) -> float:
+    """A text family's headline figure in bits per character."""
+    fam = cfg.model.family
+    if fam == "mdm":
+        return results["test_bpc"]
+    return results["val_ce" if fam == "ar" else "val_loss"] / math.log(2)

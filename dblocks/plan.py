@@ -40,16 +40,35 @@ def make_plan(
     p_std: float = 1.2,
 ) -> list[BlockSpec]:
     """One BlockSpec per block: equal contiguous layer groups, equal-mass sigma ranges."""
-    if num_blocks > num_layers or num_layers % num_blocks:
-        raise ValueError(f"blocks.num={num_blocks}: must divide model.layers={num_layers}")
     bounds = partition_sigmas(
         num_blocks, sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std, kind=partition
     )
+    widen = lambda lo, hi: widen_range(lo, hi, gamma, sigma_min=sigma_min, sigma_max=sigma_max)  # noqa: E731
+    return plan_from_boundaries(bounds, num_layers, widen)
+
+
+def make_time_plan(boundaries: list[float], num_layers: int, *, gamma: float = 0.0) -> list[BlockSpec]:
+    """A plan over masking time t in [0, 1] (MDM, design.md 1.5): ``boundaries`` ascending in t,
+    block 0 owning the highest t. Overlap widens each range by gamma*width linearly, clipped to [0, 1].
+    The ranges are stored in the same BlockSpec fields as sigma ranges (sigma_lo = t_lo, ...)."""
+
+    def widen(lo: float, hi: float) -> tuple[float, float]:
+        d = gamma * (hi - lo)
+        return max(lo - d, 0.0), min(hi + d, 1.0)
+
+    return plan_from_boundaries(boundaries, num_layers, widen)
+
+
+def plan_from_boundaries(bounds: list[float], num_layers: int, widen) -> list[BlockSpec]:
+    """B = len(bounds) - 1 blocks over ascending ``bounds``; ``widen(lo, hi)`` gives the training range."""
+    num_blocks = len(bounds) - 1
+    if num_blocks > num_layers or num_layers % num_blocks:
+        raise ValueError(f"blocks.num={num_blocks}: must divide model.layers={num_layers}")
     per = num_layers // num_blocks
     specs = []
     for b in range(num_blocks):
         lo, hi = block_range(bounds, b)
-        tlo, thi = widen_range(lo, hi, gamma, sigma_min=sigma_min, sigma_max=sigma_max)
+        tlo, thi = widen(lo, hi)
         specs.append(BlockSpec(b, num_blocks, lo, hi, tlo, thi, b * per, (b + 1) * per))
     return specs
 

@@ -17,10 +17,18 @@ import torch.nn as nn
 from .config import NoiseConfig, TrainConfig
 from .noise import sample_sigmas
 from .plan import BlockSpec
+from .precond import loss_weight
 from .seeds import block_seed
 
 # loss_fn(net, batch, sigma, generator, sigma_data) -> per-sample loss (N,)
 LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator, float], torch.Tensor]
+# levels(n, lo, hi, generator) -> n noise levels in [lo, hi]: sigma (EDM) or masking time t (MDM)
+LevelFn = Callable[[int, float, float, torch.Generator], torch.Tensor]
+
+
+def uniform_levels(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    """t ~ U(lo, hi): MDM's masking time inside a block's interval (design.md 1.5), float64."""
+    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 class BlockTrainer:
@@ -32,8 +40,11 @@ class BlockTrainer:
         train: TrainConfig,
         noise: NoiseConfig,
         seed: int,
+        levels: LevelFn | None = None,
     ):
+        """``levels`` draws the noise levels (default: sigma from the block's truncated log-normal)."""
         self.net, self.spec, self.loss_fn, self.train, self.noise = net, spec, loss_fn, train, noise
+        self.levels = levels or self._sigmas
         self.ema = copy.deepcopy(net).requires_grad_(False)
         self.opt = torch.optim.AdamW(
             net.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay
@@ -41,6 +52,9 @@ class BlockTrainer:
         self.generator = torch.Generator().manual_seed(block_seed(seed, spec.index))
         self.step_count = 0
         self.samples = 0
+
+    def _sigmas(self, n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+        return sample_sigmas(n, lo, hi, p_mean=self.noise.p_mean, p_std=self.noise.p_std, generator=generator)
 
     def lr_at(self, samples: int) -> float:
         """Linear warm-up over ``warmup_samples``, then constant."""
@@ -59,19 +73,14 @@ class BlockTrainer:
         Returns floats ``loss``, ``grad_norm``, ``lr`` and the detached per-sample ``sigma`` and
         ``losses`` (for loss-per-sigma-bucket curves)."""
         n = batch[0].shape[0]
-        sigma = sample_sigmas(
-            n,
-            self.spec.train_lo,
-            self.spec.train_hi,
-            p_mean=self.noise.p_mean,
-            p_std=self.noise.p_std,
-            generator=self.generator,
-        ).to(batch[0].device)
+        sigma = self.levels(n, self.spec.train_lo, self.spec.train_hi, self.generator).to(batch[0].device)
         lr = self.lr_at(self.samples)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
         losses = self.loss_fn(self.net, batch, sigma, self.generator, self.noise.sigma_data)
+        if not self.train.loss_weighting:  # the ablation: Eq. 6 without lambda(sigma)
+            losses = losses / loss_weight(sigma, self.noise.sigma_data).to(losses.dtype)
         loss = losses.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

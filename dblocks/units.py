@@ -73,11 +73,9 @@ def unit_batches(unit: WorkUnit, batch_size: int) -> list[torch.Tensor]:
     return batches[: unit.steps]
 
 
-def apply_unit(trainer: BlockTrainer, unit: WorkUnit, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """Run the unit's steps on ``trainer``; x, y are the unit's rows. Returns each step's metrics."""
+def apply_unit(trainer: BlockTrainer, unit: WorkUnit, rows: tuple[torch.Tensor, ...]) -> list[dict]:
+    """Run the unit's steps on ``trainer``; ``rows`` are the unit's rows, one tensor per column
+    ((images, labels) or (tokens,)). Returns each step's metrics."""
     trainer.generator.manual_seed(unit.seed)  # the unit, not the history, fixes its sigma and noise
     device = next(trainer.net.parameters()).device
-    out = []
-    for idx in unit_batches(unit, trainer.train.batch_size):
-        out.append(trainer.step((x[idx].to(device), y[idx].to(device))))
-    return out
+    return [trainer.step(tuple(c[idx].to(device) for c in rows)) for idx in unit_batches(unit, trainer.train.batch_size)]

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from dblocks.config import RunConfig
-from dblocks.build import block_loss, build_block
+from dblocks.build import make_trainer, plan_for
 from dblocks.data import load_digits_split
-from dblocks.trainer import BlockTrainer
 from dblocks.units import Shard, apply_unit, make_units, unit_batches
-from coordinator.run import plan_for
 from worker.shards import ShardError, read_image_shard, write_image_shards
 from worker.storage import Storage, StorageError
 
@@ -52,7 +50,7 @@ def test_unit_batches_are_permutations_of_the_range_without_repeats_within_a_pas
 
 
 def _trainer(cfg, spec):
-    return BlockTrainer(build_block(cfg.model, spec, cfg.seed), spec, block_loss(cfg.model), cfg.train, cfg.noise, cfg.seed)
+    return make_trainer(cfg, spec)
 
 
 def test_applying_a_unit_depends_only_on_the_state_before_it_and_the_unit():
@@ -64,15 +62,15 @@ def test_applying_a_unit_depends_only_on_the_state_before_it_and_the_unit():
     units = make_units(6, 3, [Shard("s", 200)], seed=0, block=1)
     x, y = data.train_x[:200], data.train_y[:200]
     a, b = _trainer(cfg, spec), _trainer(cfg, spec)
-    apply_unit(a, units[0], x, y)
-    apply_unit(b, units[0], x, y)
+    apply_unit(a, units[0], (x, y))
+    apply_unit(b, units[0], (x, y))
     torch.randn(5, generator=b.generator)  # disturb b's generator between units
-    apply_unit(a, units[1], x, y)
-    apply_unit(b, units[1], x, y)
+    apply_unit(a, units[1], (x, y))
+    apply_unit(b, units[1], (x, y))
     for p, q in zip(a.net.parameters(), b.net.parameters()):
         assert torch.equal(p, q)
     c = _trainer(cfg, spec)
-    apply_unit(c, units[1], x, y)  # a different history gives different weights: the test can fail
+    apply_unit(c, units[1], (x, y))  # a different history gives different weights: the test can fail
     assert not all(torch.equal(p, q) for p, q in zip(a.net.parameters(), c.net.parameters()))
 
 

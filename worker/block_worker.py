@@ -26,14 +26,14 @@ from pathlib import Path
 import psutil
 import torch
 
-from dblocks.build import block_loss, build_block
+from dblocks.build import make_trainer
 from dblocks.checkpoint import load_checkpoint, save_checkpoint
 from dblocks.config import RunConfig
 from dblocks.plan import BlockSpec
 from dblocks.trainer import BlockTrainer
 from dblocks.units import WorkUnit, apply_unit
 
-from .shards import read_image_shard
+from .shards import read_shard
 from .state import RunState, StateError
 from .storage import Storage
 
@@ -112,8 +112,9 @@ class BlockWorker:
         storage = Storage(manifest["storage"])
         device = cfg.train.resolved_device()
 
-        net = build_block(cfg.model, spec, cfg.seed).to(device)
-        trainer = self.trainer = BlockTrainer(net, spec, block_loss(cfg.model), cfg.train, cfg.noise, cfg.seed)
+        baseline = info["model"] == "e2e"
+        trainer = self.trainer = make_trainer(cfg, spec, baseline=baseline, device=device)
+        net = trainer.net
         applied: list[int] = []
         ckpt = checkpoint_rel(run, job)
         with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +169,7 @@ class BlockWorker:
             state.report(run, job, self.consumer, ttl, state="training", units_done=len(applied), samples=trainer.samples,
                          loss=metrics["loss"], samples_per_s=rate, step=trainer.step_count)  # fmt: skip
 
-        self._export(storage, trainer, spec, cfg, plan_id)
+        self._export(storage, trainer, spec, cfg, plan_id, baseline)
         held = self.held_parameters()["trainable"]  # every trainable parameter alive in this process
         state.report(run, job, self.consumer, ttl, state="done", units_done=len(applied), samples=trainer.samples,
                      finished_at=time.time(), process_trainable_params=held)  # fmt: skip
@@ -177,9 +178,9 @@ class BlockWorker:
 
     def _apply(self, trainer: BlockTrainer, unit: WorkUnit, storage: Storage, shards: dict) -> dict:
         if unit.shard not in shards:
-            shards[unit.shard] = read_image_shard(storage, unit.shard)
-        x, y = shards[unit.shard]
-        steps = apply_unit(trainer, unit, x[unit.row_start : unit.row_end], y[unit.row_start : unit.row_end])
+            shards[unit.shard] = read_shard(storage, unit.shard)
+        rows = tuple(c[unit.row_start : unit.row_end] for c in shards[unit.shard])
+        steps = apply_unit(trainer, unit, rows)
         sigma, losses = torch.cat([s["sigma"] for s in steps]), torch.cat([s["losses"] for s in steps])
         return {
             "loss": losses.mean().item(),
@@ -188,9 +189,10 @@ class BlockWorker:
             **bucket_losses(sigma, losses, trainer.spec.train_lo, trainer.spec.train_hi),
         }
 
-    def _export(self, storage: Storage, trainer: BlockTrainer, spec: BlockSpec, cfg: RunConfig, plan_id: str) -> None:
+    def _export(self, storage: Storage, trainer: BlockTrainer, spec: BlockSpec, cfg: RunConfig, plan_id: str,
+                baseline: bool) -> None:  # fmt: skip
         meta = {"spec": asdict(spec), "model": asdict(cfg.model), "noise": asdict(cfg.noise), "plan": plan_id,
-                "seed": cfg.seed, "step": trainer.step_count, "samples": trainer.samples}  # fmt: skip
+                "seed": cfg.seed, "step": trainer.step_count, "samples": trainer.samples, "baseline": baseline}  # fmt: skip
         tensors = {k: v.cpu() for k, v in trainer.ema.state_dict().items()}
         with tempfile.TemporaryDirectory() as tmp:
             storage.put_file(save_checkpoint(Path(tmp) / "block.safetensors", tensors, meta), export_rel(self.run_id, self.job))

@@ -12,7 +12,7 @@ The network here is the raw F of EDM; :func:`dblocks.precond.denoise` wraps it i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..loss import weighted_l2
 from ..precond import denoise
+from .sizes import sized
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,7 @@ DIT_SIZES: dict[str, DiTConfig] = {
 
 def dit_config(size: str, **overrides) -> DiTConfig:
     """The registered size, with non-None overrides (e.g. ``layers=12``)."""
-    if size not in DIT_SIZES:
-        raise ValueError(f"model.size={size!r}: unknown size, choose one of {', '.join(DIT_SIZES)}")
-    return replace(DIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
+    return sized(DIT_SIZES, size, "dit", **overrides)
 
 
 def sincos_pos_embed(width: int, grid: int) -> torch.Tensor:
@@ -165,6 +164,11 @@ class DiTBlock(nn.Module):
         out = self.head(modulate(self.final_norm(h), shift, scale))  # (N, T, p*p*C)
         out = out.reshape(n, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
         return out.reshape(n, ch, hw, hw)
+
+
+def build_dit(cfg: DiTConfig, spec, *, baseline: bool = False, seed: int = 0) -> DiTBlock:
+    """A block of ``spec.num_layers`` layers; the end-to-end baseline is the same class with all L."""
+    return DiTBlock(cfg, spec.num_layers)
 
 
 def dit_loss(

