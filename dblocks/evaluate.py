@@ -7,6 +7,7 @@ classifier's accuracy on class-conditional samples. Samples are clamped to [-1, 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -112,6 +113,13 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {  # family -> (label, result key,
 }
 
 
+@functools.lru_cache(maxsize=2)
+def digits_judge(test_size: int, split_seed: int) -> tuple[ImageSplit, DigitsClassifier]:
+    """The digits split and the classifier that judges samples (deterministic; trained once per process)."""
+    split = load_digits_split(test_size, split_seed)
+    return split, train_digits_classifier(split.train_x, split.train_y, seed=0)
+
+
 def evaluate_model(nets: Sequence[nn.Module], plan: Sequence[BlockSpec], cfg, *, baseline: bool) -> dict:
     """The family's metrics for one trained model: B blocks, or ``[baseline net]`` with ``baseline``.
 
@@ -119,8 +127,7 @@ def evaluate_model(nets: Sequence[nn.Module], plan: Sequence[BlockSpec], cfg, *,
     fam, n, plan = cfg.model.family, cfg.noise, list(plan)
     noise = dict(sigma_min=n.sigma_min, sigma_max=n.sigma_max, p_mean=n.p_mean, p_std=n.p_std)
     if fam == "dit":
-        split = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
-        classifier = train_digits_classifier(split.train_x, split.train_y, seed=0)
+        split, classifier = digits_judge(cfg.data.test_size, cfg.data.split_seed)
         res = evaluate(nets, plan, split, classifier, cfg.sample, n, ranges=eval_ranges(cfg), seed=cfg.seed)
         res["classifier_test_accuracy"] = accuracy(classifier, split.test_x, split.test_y)  # the judge itself
         return res
