@@ -1,7 +1,10 @@
 """A registered block as an MLflow pyfunc model, logged as code (models-from-code: no pickle).
 
-``predict({"z": (N, C, H, W), "sigma": (N,) or scalar, "labels": (N,)})`` is the block's
-EDM-preconditioned denoiser D(z, sigma); ``.net``/``.spec``/``.meta`` give the network itself.
+``predict({"z": ..., "sigma": (N,) or scalar, **cond})`` is the block's denoiser D(z, sigma, **cond)
+(``dblocks.build.family_denoiser``): for the DiT ``cond`` is ``labels`` (N,) and D the denoised
+image; for the ViT ``images``; for the AR family ``context`` (N, T) token ids. Integer arrays
+become int64 tensors, the rest float32. ``.net``/``.spec``/``.meta`` give the network itself (an
+end-to-end baseline that is not a denoiser is used through ``.net``).
 """
 
 import warnings
@@ -10,9 +13,9 @@ import mlflow
 import numpy as np
 import torch
 
-from dblocks.build import block_from_export
+from dblocks.build import block_from_export, family_denoiser
 from dblocks.checkpoint import load_checkpoint
-from dblocks.precond import denoise
+from dblocks.config import ModelConfig
 
 with warnings.catch_warnings():  # predict takes a dict of arrays: no type hints for MLflow to check
     warnings.filterwarnings("ignore", message=".*type hints.*")
@@ -21,13 +24,21 @@ with warnings.catch_warnings():  # predict takes a dict of arrays: no type hints
         def load_context(self, context) -> None:
             tensors, self.meta = load_checkpoint(context.artifacts["block"])
             self.net, self.spec = block_from_export(tensors, self.meta)
+            self.model = ModelConfig(**self.meta["model"])
 
         def predict(self, context, model_input, params=None):
+            if self.meta.get("baseline") and self.model.family != "dit":
+                raise TypeError(f"the end-to-end {self.model.family} baseline is not a denoiser; use .unwrap_python_model().net")
             z = torch.as_tensor(np.asarray(model_input["z"]), dtype=torch.float32)
             sigma = torch.as_tensor(np.asarray(model_input["sigma"]), dtype=torch.float32).expand(len(z))
-            labels = torch.as_tensor(np.asarray(model_input["labels"]), dtype=torch.int64)
+            cond = {k: _tensor(v) for k, v in model_input.items() if k not in ("z", "sigma")}
+            denoiser = family_denoiser(self.model, self.net, self.meta["noise"]["sigma_data"])
             with torch.no_grad():
-                return denoise(self.net, z, sigma, labels, sigma_data=self.meta["noise"]["sigma_data"]).numpy()
+                return denoiser(z, sigma, **cond).numpy()
+
+    def _tensor(value) -> torch.Tensor:
+        a = np.asarray(value)
+        return torch.as_tensor(a, dtype=torch.int64 if np.issubdtype(a.dtype, np.integer) else torch.float32)
 
 
 mlflow.models.set_model(BlockPyfunc())

@@ -116,6 +116,22 @@ def block_denoiser(net: nn.Module, sigma_data: float = 0.5):
     return partial(denoise, net.eval(), sigma_data=sigma_data)
 
 
+def family_denoiser(model: ModelConfig, net: nn.Module, sigma_data: float = 0.5):
+    """A trained block as the sampler's callable ``D(z, sigma, **cond)``: the DiT's denoised image,
+    the expected label/token embedding of the discrete families, MDM's reverse step at t."""
+    if model.family == "dit":
+        return block_denoiser(net, sigma_data)
+    if model.family == "vit":
+        from .models.vit import vit_denoiser as make
+    elif model.family == "ar":
+        from .models.ar import ar_denoiser as make
+    elif model.family == "mdm":
+        from .models.mdm import mdm_denoiser as make
+    else:
+        from .models.recurrent import recurrent_denoiser as make
+    return make(net.eval(), sigma_data)
+
+
 def block_from_export(tensors: dict, meta: dict) -> tuple[nn.Module, BlockSpec]:
     """Rebuild a finished block from its exported EMA weights and metadata (worker export, registry)."""
     spec = BlockSpec(**meta["spec"])

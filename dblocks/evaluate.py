@@ -125,7 +125,8 @@ def evaluate_model(nets: Sequence[nn.Module], plan: Sequence[BlockSpec], cfg, *,
 
     ``cfg`` is the run's RunConfig; data come from the built-in sources (``cfg.data``)."""
     fam, n, plan = cfg.model.family, cfg.noise, list(plan)
-    noise = dict(sigma_min=n.sigma_min, sigma_max=n.sigma_max, p_mean=n.p_mean, p_std=n.p_std)
+    shape = dict(p_mean=n.p_mean, p_std=n.p_std, sigma_data=n.sigma_data)  # the training density
+    noise = dict(sigma_min=n.sigma_min, sigma_max=n.sigma_max, **shape)
     if fam == "dit":
         split, classifier = digits_judge(cfg.data.test_size, cfg.data.split_seed)
         res = evaluate(nets, plan, split, classifier, cfg.sample, n, ranges=eval_ranges(cfg), seed=cfg.seed)
@@ -149,7 +150,7 @@ def evaluate_model(nets: Sequence[nn.Module], plan: Sequence[BlockSpec], cfg, *,
         return evaluate_mdm(list(nets), plan, split, baseline=baseline, seed=cfg.seed)
     from .models.recurrent import evaluate_recurrent
 
-    return evaluate_recurrent(list(nets), plan, split, baseline=baseline, seed=cfg.seed, **noise)
+    return evaluate_recurrent(list(nets), plan, split, baseline=baseline, seed=cfg.seed, **shape)
 
 
 def passes(cfg, results: dict) -> bool:

@@ -76,8 +76,12 @@ def load_text_split(seq_len: int = 64, split_seed: int = 0, held_out: float = 0.
     """The fixed train / validation / test windows of the corpus."""
     ids = encode(load_corpus())
     chunks = list(ids.split(CHUNK))
-    perm = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(split_seed)).tolist()
-    k = max(1, round(held_out * len(chunks)))
-    parts = {"val": sorted(perm[:k]), "test": sorted(perm[k : 2 * k]), "train": sorted(perm[2 * k :])}
-    out = {name: torch.cat([windows(chunks[i], seq_len) for i in idx]) for name, idx in parts.items()}
-    return TextSplit(**out)
+    parts = split_chunks(len(chunks), split_seed, held_out)
+    return TextSplit(**{name: torch.cat([windows(chunks[i], seq_len) for i in idx]) for name, idx in parts.items()})
+
+
+def split_chunks(num_chunks: int, split_seed: int = 0, held_out: float = 0.02) -> dict[str, list[int]]:
+    """Chunk indices of each split: a fixed permutation, ``held_out`` of the chunks each to val and test."""
+    perm = torch.randperm(num_chunks, generator=torch.Generator().manual_seed(split_seed)).tolist()
+    k = max(1, round(held_out * num_chunks))
+    return {"train": sorted(perm[2 * k :]), "val": sorted(perm[:k]), "test": sorted(perm[k : 2 * k])}

@@ -1,0 +1,317 @@
+"""ViT classification on digits as DiffusionBlocks (design.md 1.5, 2.1; paper Sec. 4.1).
+
+The target is the label, as a row of the FIXED table E = fixed_embedding(num_classes, width, seed)
+(unit-norm rows, built from the run seed, never trained, so every block agrees on it without
+sharing a parameter). A block denoises the noisy label embedding z = E[y] + sigma eps:
+
+    tokens  = [c_in z ; patch_embed(x) + pos]          c_in only on the label token (slot 0)
+    h       = L/B adaLN-Zero layers(tokens | sigma emb) token 0 of the output, (N, D)
+    logits  = head(adaLN(c_out h + c_skip z))           the skip sits before the classifier
+    loss    = w(sigma) CE(logits, y)                    Eq. 6 for a discrete target
+    D(z)    = softmax(logits) @ E                       the denoised estimate for the sampler
+
+Each ``ViTBlock`` owns its patch embedding, sigma embedder, layers, final adaLN and classifier.
+Inference chains the B blocks with B CDF-spaced Euler grid points: one call per block, so B
+blocks of L/B layers cost one pass of the L-layer baseline (``ViTBaseline``, a plain pre-LN ViT
+with a learned CLS token trained on unweighted CE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import ImageSplit
+from ..embedding import expected_embedding, fixed_embedding
+from ..loss import weighted_ce
+from ..noise import inference_sigmas
+from ..plan import BlockSpec, plan_boundaries
+from ..precond import SIGMA_DATA, edm_scalings
+from ..sampling import BlockRouter, sample_euler
+from .dit import DiTLayer, fourier_features, modulate, sincos_pos_embed
+from .sizes import sized
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 8
+    channels: int = 1
+    patch: int = 2
+    width: int = 64
+    heads: int = 4
+    layers: int = 6  # total depth L; a block holds layers // B of them
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    freq_dim: int = 64  # sinusoidal features of c_noise fed to the sigma embedder
+
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise ValueError(f"model.layers={self.layers}: must be >= 1")
+        if self.patch < 1 or self.image_size % self.patch:
+            raise ValueError(f"model.patch={self.patch}: must divide the image size {self.image_size}")
+        if self.width < 1 or self.heads < 1 or self.width % self.heads:
+            raise ValueError(f"model.heads={self.heads}: must divide model.width={self.width}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio}: must be > 0")
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_classes={self.num_classes}: must be >= 2")
+        if self.freq_dim < 2 or self.freq_dim % 2:
+            raise ValueError(f"model.freq_dim={self.freq_dim}: must be an even number >= 2")
+
+
+# ``debug`` trains in seconds; ``tiny`` is the benchmark/experiment size.
+VIT_SIZES: dict[str, ViTConfig] = {
+    "debug": ViTConfig(width=32, heads=2, layers=6, freq_dim=32),
+    "tiny": ViTConfig(width=64, heads=4, layers=6),
+}
+
+
+def vit_config(size: str, **overrides) -> ViTConfig:
+    """The registered size, with non-None overrides (e.g. ``layers=12``)."""
+    return sized(VIT_SIZES, size, "vit", **overrides)
+
+
+def token_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """(1 + grid*grid, width): a zero row for the label/CLS slot 0, then the fixed 2-D sin-cos
+    embedding of the patches (MAE's ``cls_token=True`` layout)."""
+    return torch.cat([torch.zeros(1, width), sincos_pos_embed(width, grid)])
+
+
+def noisy_label(table: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = E[y] + sigma eps (design.md 1.1), (N, D)."""
+    return table[labels] + sigma[:, None].to(eps.dtype) * eps
+
+
+class ViTBlock(nn.Module):
+    """One DiffusionBlocks block: logits = head(adaLN(c_out F(c_in z, x, c_noise) + c_skip z))."""
+
+    def __init__(self, cfg: ViTConfig, num_layers: int, seed: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=cfg.patch, stride=cfg.patch)
+        self.register_buffer("pos_embed", token_pos_embed(d, cfg.image_size // cfg.patch), persistent=False)
+        # The fixed target table: persistent (exported weights are self-contained), never a Parameter.
+        self.register_buffer("label_table", fixed_embedding(cfg.num_classes, d, seed))
+        self.sigma_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.layers = nn.ModuleList(DiTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.head = nn.Linear(d, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """DiT's init: xavier linears; adaLN-Zero modulations, final adaLN and head start at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for lin in (self.sigma_embed[0], self.sigma_embed[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for layer in self.layers:
+            nn.init.zeros_(layer.ada[1].weight)
+            nn.init.zeros_(layer.ada[1].bias)
+        for lin in (self.final_ada[1], self.head):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(
+        self, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor, *, sigma_data: float = SIGMA_DATA
+    ) -> torch.Tensor:
+        """Logits (N, K) from the noisy label embedding z (N, D), sigma (N,), images (N, C, H, W)."""
+        c_skip, c_out, c_in, c_noise = (c.to(z.dtype)[:, None] for c in edm_scalings(sigma, sigma_data))
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, T-1, D)
+        h = torch.cat([(c_in * z)[:, None], patches], dim=1) + self.pos_embed  # (N, T, D); c_in on slot 0 only
+        c = self.sigma_embed(fourier_features(c_noise[:, 0], self.cfg.freq_dim))  # (N, D)
+        for layer in self.layers:
+            h = layer(h, c)
+        u = c_out * h[:, 0] + c_skip * z  # (N, D): the denoised label embedding, before the classifier
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        return self.head(modulate(self.final_norm(u)[:, None], shift, scale)[:, 0])  # (N, K)
+
+
+class ViTLayer(nn.Module):
+    """A standard pre-LN transformer layer (ViT, Dosovitskiy et al. 2021): x + MSA(LN x), + MLP(LN x)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape  # (N, T, D)
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTBaseline(nn.Module):
+    """The end-to-end baseline: a plain ViT classifier of L layers, learned CLS token in slot 0,
+    final LayerNorm on token 0, linear head. Same patch size, width and fixed position embedding
+    as the blocks, so the comparison isolates the training method."""
+
+    def __init__(self, cfg: ViTConfig, num_layers: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=cfg.patch, stride=cfg.patch)
+        self.register_buffer("pos_embed", token_pos_embed(d, cfg.image_size // cfg.patch), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.layers = nn.ModuleList(ViTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The original ViT init: xavier linears, zero biases, CLS token and head at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K) for images (N, C, H, W)."""
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, T-1, D)
+        h = torch.cat([self.cls_token.expand(len(images), -1, -1), patches], dim=1) + self.pos_embed
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.final_norm(h[:, 0]))  # (N, K)
+
+
+def build_vit(cfg: ViTConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
+    """Block ``spec.index`` (``spec.num_layers`` layers), or the end-to-end baseline of
+    ``spec.num_layers`` layers. ``seed`` (the run seed) only fixes the label table."""
+    if baseline:
+        return ViTBaseline(cfg, spec.num_layers)
+    return ViTBlock(cfg, spec.num_layers, seed)
+
+
+def vit_loss(
+    net: ViTBlock,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    sigma: torch.Tensor,
+    generator: torch.Generator,
+    sigma_data: float = SIGMA_DATA,
+) -> torch.Tensor:
+    """Per-sample Eq. 6 loss: w(sigma) CE(block(x, E[y] + sigma eps, sigma), y), (N,)."""
+    images, labels = batch
+    table = net.label_table
+    eps = torch.randn((len(labels), table.shape[1]), generator=generator, dtype=table.dtype).to(table.device)
+    z = noisy_label(table, labels, sigma, eps)
+    return weighted_ce(net(z, sigma, images, sigma_data=sigma_data), labels, sigma, sigma_data)
+
+
+def vit_baseline_loss(
+    net: ViTBaseline,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    sigma: torch.Tensor,
+    generator: torch.Generator,
+    sigma_data: float = SIGMA_DATA,
+) -> torch.Tensor:
+    """Plain per-sample cross-entropy of the end-to-end ViT, (N,); sigma and generator are unused."""
+    images, labels = batch
+    return F.cross_entropy(net(images), labels, reduction="none")
+
+
+def vit_denoiser(net: ViTBlock, sigma_data: float = SIGMA_DATA, logits_out: torch.Tensor | None = None):
+    """D(z, sigma, images, rows=None) = softmax(logits) @ E (design.md 1.4, discrete targets).
+
+    With ``logits_out`` (N, K) given, each call also writes its logits to ``logits_out[rows]``
+    (``rows``: the batch rows of this call; BlockRouter slices it with the batch)."""
+    net.eval()
+
+    def denoise(z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor, rows: torch.Tensor | None = None):
+        logits = net(z, sigma, images, sigma_data=sigma_data)
+        if logits_out is not None:
+            logits_out[rows] = logits.to(logits_out.dtype)
+        return expected_embedding(logits, net.label_table).to(z.dtype)
+
+    return denoise
+
+
+class ViTPrediction(NamedTuple):
+    labels: torch.Tensor  # (N,) argmax of the final logits
+    logits: torch.Tensor  # (N, K) logits of the final call (at sigma_min)
+    router: BlockRouter | None  # the router used (router.calls counts calls per block); None for the baseline
+
+
+@torch.no_grad()
+def predict_vit(
+    nets: Sequence[ViTBlock],
+    plan: Sequence[BlockSpec],
+    images: torch.Tensor,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    sigma_data: float = SIGMA_DATA,
+) -> ViTPrediction:
+    """Chain the B blocks (design.md 1.4): z ~ N(0, sigma_max^2 I), Euler over ``steps`` (default B)
+    CDF-spaced grid points, i.e. one call per block for B >= 2; predict argmax of the final logits.
+
+    With ``steps=1`` (the natural choice for B=1) the grid is the single point sigma_max.
+    """
+    steps = len(nets) if steps is None else steps
+    n, k, width = len(images), nets[0].cfg.num_classes, nets[0].cfg.width
+    logits = torch.full((n, k), float("nan"), device=images.device)
+    router = BlockRouter([vit_denoiser(net, sigma_data, logits) for net in nets], plan_boundaries(list(plan)))
+    if steps == 1:
+        grid = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        grid = inference_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
+    g = torch.Generator().manual_seed(seed)
+    z = (sigma_max * torch.randn((n, width), generator=g)).to(images.device)
+    rows = torch.arange(n, device=images.device)
+    sample_euler(router, z, grid, extra_args={"images": images, "rows": rows})
+    return ViTPrediction(logits.argmax(-1), logits, router)
+
+
+@torch.no_grad()
+def predict_baseline(net: ViTBaseline, images: torch.Tensor) -> ViTPrediction:
+    """The end-to-end ViT's prediction: one forward pass."""
+    logits = net.eval()(images)
+    return ViTPrediction(logits.argmax(-1), logits, None)
+
+
+def evaluate_vit(
+    nets: list[nn.Module],
+    plan: list[BlockSpec],
+    split: ImageSplit,
+    *,
+    baseline: bool,
+    seed: int = 0,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    sigma_data: float = SIGMA_DATA,
+) -> dict:
+    """Top-1 accuracy on the test and train images: B chained blocks, or the baseline ([net])."""
+    device = next(nets[0].parameters()).device
+    kw = dict(seed=seed, sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)
+    out = {}
+    for name, x, y in (("test", split.test_x, split.test_y), ("train", split.train_x, split.train_y)):
+        x, y = x.to(device), y.to(device)
+        pred = predict_baseline(nets[0], x) if baseline else predict_vit(nets, plan, x, **kw)
+        out[f"{name}_accuracy"] = (pred.labels == y).double().mean().item()
+    return out
