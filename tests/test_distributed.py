@@ -362,3 +362,35 @@ def test_block_actors_are_placed_by_gpu_and_custom_resources(stack):
     assert [q["cuda_visible_devices"] for q in p] == ["0", "0"]  # Ray gave both the same GPU
     assert max(float(q["started_at"]) for q in p) < min(float(q["finished_at"]) for q in p)
     assert all(q["device"] == ("cuda" if torch.cuda.is_available() else "cpu") for q in p)
+
+
+# Every family through the same distributed path: blocks on Ray actors, Redis units, MLflow registry,
+# evaluation by a sampler actor that loads the set back from the registry.
+FAMILY_RUNS = {  # experiment -> (B, the family's headline metric, writes a text sample?)
+    "vit_digits": (3, "test_accuracy", False),
+    "ar_text": (4, "val_ce", True),
+    "mdm_text": (3, "test_bpc", True),
+    "recurrent_text": (1, "val_loss", True),
+}
+
+
+@pytest.mark.parametrize("experiment", list(FAMILY_RUNS))
+def test_every_family_trains_registers_and_predicts_through_the_distributed_job(experiment, stack):
+    num_blocks, metric, text = FAMILY_RUNS[experiment]
+    out = stack["base"] / experiment
+    proc = run_cli("coordinator", f"experiment={experiment}", "model.size=debug", "train.steps=10", "train.unit_steps=5",
+                   "train.checkpoint_every=5", "train.batch_size=16", "registry.champion_min_accuracy=0",
+                   "registry.champion_max_bpc=1000", *services(stack, experiment))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(results) == {f"DiffusionBlocks B={num_blocks}", "end-to-end"}
+    for row in results.values():
+        assert np.isfinite(row[metric])
+    if text:
+        assert (out / "blocks" / "sample.txt").read_text() and (out / "e2e" / "sample.txt").read_text()
+    name = experiment.replace("_", "-")
+    c = client(stack)
+    for b in range(num_blocks):
+        version = c.get_model_version_by_alias(f"{name}-block{b}", "champion")
+        assert version.tags["num_blocks"] == str(num_blocks) and version.tags["block"] == str(b)
+    assert c.get_model_version_by_alias(f"{name}-e2e-block0", "champion")

@@ -21,11 +21,11 @@ from dblocks import (
 )
 from dblocks.data import BatchStream
 from dblocks.embedding import fixed_embedding
+from dblocks.models.layers import PreLNLayer
 from dblocks.models.vit import (
     VIT_SIZES,
     ViTBaseline,
     ViTBlock,
-    ViTLayer,
     build_vit,
     evaluate_vit,
     predict_vit,
@@ -105,7 +105,7 @@ def test_block_and_baseline_shapes_and_depth(cfg):
     assert net(z, SIGMAS[:5], x).shape == (5, 10)
     base = build_vit(cfg, make_plan(1, 6)[0], baseline=True, seed=0)
     assert isinstance(base, ViTBaseline) and len(base.layers) == 6
-    assert all(isinstance(layer, ViTLayer) for layer in base.layers)
+    assert all(isinstance(layer, PreLNLayer) and not layer.causal for layer in base.layers)
     assert base(x).shape == (5, 10)
     names = dict(base.named_parameters())
     assert isinstance(names["cls_token"], torch.nn.Parameter) and names["cls_token"].shape == (1, 1, cfg.width)

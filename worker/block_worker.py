@@ -60,8 +60,12 @@ def trainable_parameters(module: torch.nn.Module) -> int:
 
 
 def bucket_losses(sigma: torch.Tensor, losses: torch.Tensor, lo: float, hi: float) -> dict[str, float]:
-    """Mean loss in each of SIGMA_BUCKETS log-spaced sigma buckets of [lo, hi]."""
-    edges = torch.logspace(math.log10(lo), math.log10(hi), SIGMA_BUCKETS + 1, dtype=torch.float64)
+    """Mean loss in each of SIGMA_BUCKETS buckets of [lo, hi]: log-spaced for sigma, linear for a
+    range that starts at 0 (MDM's masking time t)."""
+    if lo > 0:
+        edges = torch.logspace(math.log10(lo), math.log10(hi), SIGMA_BUCKETS + 1, dtype=torch.float64)
+    else:
+        edges = torch.linspace(lo, hi, SIGMA_BUCKETS + 1, dtype=torch.float64)
     idx = torch.bucketize(sigma.double(), edges[1:-1])
     return {f"loss_sigma_bucket{k}": losses[idx == k].mean().item() for k in range(SIGMA_BUCKETS) if (idx == k).any()}
 

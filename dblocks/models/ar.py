@@ -31,7 +31,8 @@ from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA, edm_scalings
 from ..sampling import BlockRouter, sample_euler
 from ..text import VOCAB_SIZE, TextSplit, decode, encode
-from .dit import DiTLayer, fourier_features, modulate
+from .dit import fourier_features
+from .layers import DiTLayer, PreLNLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
 
 
@@ -88,20 +89,6 @@ def ar_attention_mask(t: int, m: int, device: torch.device | None = None) -> tor
     return past | itself
 
 
-class ARLayer(DiTLayer):
-    """DiT's adaLN-Zero layer with a boolean attention mask (same parameters as DiTLayer)."""
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape  # (N, S, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift1, scale1)
-        q, k, v = self.qkv(h).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, S, D/H)
-        x = x + gate1[:, None] * self.proj(a.transpose(1, 2).reshape(n, t, d))
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
-
-
 class ARBlock(nn.Module):
     """One DiffusionBlocks block of the AR LM: logits of the next token from (clean past, noisy z, sigma).
 
@@ -118,8 +105,8 @@ class ARBlock(nn.Module):
         self.tok_embed = nn.Embedding(k, d)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.seq_len, d))
         self.noisy_in = nn.Linear(d, d)
-        self.sigma_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.layers = nn.ModuleList(ARLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.sigma_embed = embedder(cfg.freq_dim, d)
+        self.layers = nn.ModuleList(DiTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.head = nn.Linear(d, k)
@@ -128,19 +115,12 @@ class ARBlock(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.02)
-        for lin in (self.sigma_embed[0], self.sigma_embed[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        xavier_init(self)
+        normal_init(self.tok_embed.weight, self.pos_embed, self.sigma_embed[0].weight, self.sigma_embed[2].weight)
         # adaLN-Zero: every residual branch and both heads start at zero (uniform logits).
-        zero = [layer.ada[1] for layer in self.layers] + [self.final_ada[1], self.head]
-        for lin in zero + ([self.next_head] if self.next_head is not None else []):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        zero_init(*(layer.ada[1] for layer in self.layers), self.final_ada[1], self.head)
+        if self.next_head is not None:
+            zero_init(self.next_head)
 
     def forward(
         self, x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
@@ -159,33 +139,11 @@ class ARBlock(nn.Module):
         h = torch.cat([clean, noisy], dim=1)  # (N, T+M, D)
         mask = ar_attention_mask(t, m, x.device)
         for layer in self.layers:
-            h = layer(h, c, mask)
+            h = layer(h, c, mask=mask)
         u = c_out * h[:, t:] + c_skip * z  # design.md 1.5: c_out h + c_skip z, then final adaLN
-        shift, scale = self.final_ada(c).chunk(2, dim=1)
-        logits = self.head(modulate(self.final_norm(u), shift, scale))
+        logits = self.head(final_adaln(self.final_norm, self.final_ada, u, c))
         next_logits = self.next_head(self.next_norm(h[:, :t])) if self.next_head is not None else None
         return logits, next_logits
-
-
-class GPTLayer(nn.Module):
-    """A plain pre-LN causal transformer layer (the baseline's)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape  # (N, T, D)
-        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, D/H)
-        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
-        return x + self.mlp(self.norm2(x))
 
 
 class ARBaseline(nn.Module):
@@ -197,16 +155,12 @@ class ARBaseline(nn.Module):
         d = cfg.width
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.seq_len, d))
-        self.layers = nn.ModuleList(GPTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.layers = nn.ModuleList(PreLNLayer(d, cfg.heads, cfg.mlp_ratio, causal=True) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.vocab_size)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.02)
-        nn.init.zeros_(self.head.weight)
+        xavier_init(self)
+        normal_init(self.tok_embed.weight, self.pos_embed)
+        zero_init(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_embed(x) + self.pos_embed[: x.shape[1]]

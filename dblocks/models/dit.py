@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..loss import weighted_l2
 from ..precond import denoise
+from .layers import DiTLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
 
 
@@ -83,35 +84,6 @@ def fourier_features(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([ang.cos(), ang.sin()], dim=1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class DiTLayer(nn.Module):
-    """One adaLN-Zero transformer layer."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape  # (N, T, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift1, scale1)
-        q, k, v = self.qkv(h).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
-        x = x + gate1[:, None] * self.proj(a.transpose(1, 2).reshape(n, t, d))
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
-
-
 class DiTBlock(nn.Module):
     """One DiffusionBlocks block: F(c_in z, c_noise, label) -> image-shaped output."""
 
@@ -122,7 +94,7 @@ class DiTBlock(nn.Module):
         self.grid = cfg.image_size // p
         self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_pos_embed(d, self.grid), persistent=False)
-        self.sigma_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.sigma_embed = embedder(cfg.freq_dim, d)
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d)  # index num_classes = "no label"
         self.layers = nn.ModuleList(DiTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -135,23 +107,10 @@ class DiTBlock(nn.Module):
         return self.cfg.num_classes
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.label_embed.weight, std=0.02)
-        for lin in (self.sigma_embed[0], self.sigma_embed[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        xavier_init(self, self.patch_embed)
+        normal_init(self.label_embed.weight, self.sigma_embed[0].weight, self.sigma_embed[2].weight)
         # adaLN-Zero: every residual branch and the head start at zero.
-        for layer in self.layers:
-            nn.init.zeros_(layer.ada[1].weight)
-            nn.init.zeros_(layer.ada[1].bias)
-        for lin in (self.final_ada[1], self.head):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        zero_init(*(layer.ada[1] for layer in self.layers), self.final_ada[1], self.head)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n, ch, hw, _ = x.shape  # (N, C, H, W)
@@ -160,8 +119,7 @@ class DiTBlock(nn.Module):
         c = self.sigma_embed(fourier_features(c_noise, self.cfg.freq_dim)) + self.label_embed(labels)  # (N, D)
         for layer in self.layers:
             h = layer(h, c)
-        shift, scale = self.final_ada(c).chunk(2, dim=1)
-        out = self.head(modulate(self.final_norm(h), shift, scale))  # (N, T, p*p*C)
+        out = self.head(final_adaln(self.final_norm, self.final_ada, h, c))  # (N, T, p*p*C)
         out = out.reshape(n, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
         return out.reshape(n, ch, hw, hw)
 

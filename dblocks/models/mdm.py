@@ -35,7 +35,8 @@ from ..noise import route
 from ..plan import BlockSpec, plan_boundaries
 from ..sampling import BlockRouter
 from ..text import VOCAB_SIZE, TextSplit, decode
-from .dit import DiTLayer, fourier_features, modulate
+from .dit import fourier_features
+from .layers import DiTLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
 
 SCHEDULES = ("linear", "cosine")
@@ -179,7 +180,7 @@ class MDMBlock(nn.Module):
         d = cfg.width
         self.token_embed = nn.Embedding(cfg.vocab_size + 1, d)  # + the mask token
         self.pos_embed = nn.Embedding(cfg.seq_len, d)
-        self.t_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.t_embed = embedder(cfg.freq_dim, d)
         self.layers = nn.ModuleList(DiTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -191,21 +192,10 @@ class MDMBlock(nn.Module):
         return self.cfg.mask_id
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for emb in (self.token_embed, self.pos_embed):
-            nn.init.normal_(emb.weight, std=0.02)
-        for lin in (self.t_embed[0], self.t_embed[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        xavier_init(self)
+        normal_init(self.token_embed.weight, self.pos_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight)
         # adaLN-Zero: residual branches and the head start at zero, so logits start uniform.
-        for layer in self.layers:
-            nn.init.zeros_(layer.ada[1].weight)
-            nn.init.zeros_(layer.ada[1].bias)
-        for lin in (self.final_ada[1], self.head):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        zero_init(*(layer.ada[1] for layer in self.layers), self.final_ada[1], self.head)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n, length = z.shape  # (N, T)
@@ -217,8 +207,7 @@ class MDMBlock(nn.Module):
         c = self.t_embed(fourier_features(4.0 * t, self.cfg.freq_dim))  # (N, D)
         for layer in self.layers:
             h = layer(h, c)
-        shift, scale = self.final_ada(c).chunk(2, dim=1)
-        return self.head(modulate(self.final_norm(h), shift, scale))  # (N, T, V)
+        return self.head(final_adaln(self.final_norm, self.final_ada, h, c))  # (N, T, V)
 
 
 def build_mdm(cfg: MDMConfig, spec: BlockSpec, *, baseline: bool = False, seed: int = 0) -> MDMBlock:

@@ -39,7 +39,8 @@ from ..plan import BlockSpec
 from ..precond import SIGMA_DATA, edm_scalings
 from ..sampling import sample_euler
 from ..text import VOCAB_SIZE, TextSplit, decode, encode
-from .dit import DiTLayer, fourier_features, modulate
+from .dit import fourier_features
+from .layers import DiTLayer, PreLNLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
 
 
@@ -95,49 +96,17 @@ def recurrent_config(size: str, **overrides) -> RecurrentConfig:
 
 
 # ---- layers -------------------------------------------------------------------------------------
-def causal_attention(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Causal multi-head self-attention with ``layer.qkv``/``layer.proj``: position i attends to <= i."""
-    n, t, d = h.shape  # (N, T, D)
-    q, k, v = layer.qkv(h).reshape(n, t, 3, layer.heads, d // layer.heads).permute(2, 0, 3, 1, 4)
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, D/H)
-    return layer.proj(a.transpose(1, 2).reshape(n, t, d))
-
-
-class CausalLayer(nn.Module):
-    """A plain pre-LN causal transformer layer (nanoGPT's Block): the prelude's layers."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + causal_attention(self, self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class CausalDiTLayer(DiTLayer):
-    """The DiT adaLN-Zero layer (conditioned on c (N, D)) with causal attention: core and coda layers."""
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
-        x = x + gate1[:, None] * causal_attention(self, modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
 class Prelude(nn.Module):
-    """P: own token + position embeddings, causal layers, a final LayerNorm -> context e (N, T, D)."""
+    """P: own token + position embeddings, plain pre-LN causal layers (nanoGPT's Block), a final
+    LayerNorm -> context e (N, T, D)."""
 
     def __init__(self, cfg: RecurrentConfig):
         super().__init__()
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.seq_len, cfg.width))
-        self.layers = nn.ModuleList(CausalLayer(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.prelude))
+        self.layers = nn.ModuleList(
+            PreLNLayer(cfg.width, cfg.heads, cfg.mlp_ratio, causal=True) for _ in range(cfg.prelude)
+        )
         self.norm = nn.LayerNorm(cfg.width)  # e at unit scale, comparable to c_in z and to the state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,15 +117,16 @@ class Prelude(nn.Module):
 
 
 class Core(nn.Module):
-    """R: ``core`` conditioned causal layers (one call = one iteration / one denoiser evaluation)."""
+    """R: ``core`` DiT adaLN-Zero layers conditioned on c (N, D), with causal attention
+    (one call = one iteration / one denoiser evaluation)."""
 
     def __init__(self, cfg: RecurrentConfig, num_layers: int):
         super().__init__()
-        self.layers = nn.ModuleList(CausalDiTLayer(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.layers = nn.ModuleList(DiTLayer(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            h = layer(h, c)
+            h = layer(h, c, causal=True)
         return h
 
 
@@ -171,8 +141,7 @@ class Coda(nn.Module):
         self.head = nn.Linear(cfg.width, cfg.vocab_size)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.ada(c).chunk(2, dim=1)
-        return self.head(modulate(self.norm(self.stack(h, c)), shift, scale))
+        return self.head(final_adaln(self.norm, self.ada, self.stack(h, c), c))
 
 
 class RecurrentLM(nn.Module):
@@ -186,7 +155,7 @@ class RecurrentLM(nn.Module):
         self.cfg = cfg
         d = cfg.width
         self.prelude = Prelude(cfg)
-        self.sigma_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.sigma_embed = embedder(cfg.freq_dim, d)
         self.core = Core(cfg, cfg.core)
         self.coda = Coda(cfg)
         # The target space of every block (design.md 2.1): seeded by the RUN seed, never trained.
@@ -194,21 +163,12 @@ class RecurrentLM(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.prelude.token_embed.weight, std=0.02)
-        nn.init.normal_(self.prelude.pos_embed, std=0.02)
-        for lin in (self.sigma_embed[0], self.sigma_embed[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        xavier_init(self)
+        p, e = self.prelude, self.sigma_embed
+        normal_init(p.token_embed.weight, p.pos_embed, e[0].weight, e[2].weight)
         # adaLN-Zero: every conditioned residual branch and the head start at zero.
-        for layer in [*self.core.layers, *self.coda.stack.layers]:
-            nn.init.zeros_(layer.ada[1].weight)
-            nn.init.zeros_(layer.ada[1].bias)
-        for lin in (self.coda.ada[1], self.coda.head):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        ada = (layer.ada[1] for layer in [*self.core.layers, *self.coda.stack.layers])
+        zero_init(*ada, self.coda.ada[1], self.coda.head)
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
         """e = P(x): (N, T) token ids -> (N, T, D); computed once per sequence."""

@@ -32,7 +32,8 @@ from ..noise import inference_sigmas
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA, edm_scalings
 from ..sampling import BlockRouter, sample_euler
-from .dit import DiTLayer, fourier_features, modulate, sincos_pos_embed
+from .dit import fourier_features, sincos_pos_embed
+from .layers import DiTLayer, PreLNLayer, embedder, modulate, normal_init, xavier_init, zero_init
 from .sizes import sized
 
 
@@ -97,7 +98,7 @@ class ViTBlock(nn.Module):
         self.register_buffer("pos_embed", token_pos_embed(d, cfg.image_size // cfg.patch), persistent=False)
         # The fixed target table: persistent (exported weights are self-contained), never a Parameter.
         self.register_buffer("label_table", fixed_embedding(cfg.num_classes, d, seed))
-        self.sigma_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.sigma_embed = embedder(cfg.freq_dim, d)
         self.layers = nn.ModuleList(DiTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -106,21 +107,9 @@ class ViTBlock(nn.Module):
 
     def _init_weights(self) -> None:
         """DiT's init: xavier linears; adaLN-Zero modulations, final adaLN and head start at zero."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        for lin in (self.sigma_embed[0], self.sigma_embed[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-        for layer in self.layers:
-            nn.init.zeros_(layer.ada[1].weight)
-            nn.init.zeros_(layer.ada[1].bias)
-        for lin in (self.final_ada[1], self.head):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        xavier_init(self, self.patch_embed)
+        normal_init(self.sigma_embed[0].weight, self.sigma_embed[2].weight)
+        zero_init(*(layer.ada[1] for layer in self.layers), self.final_ada[1], self.head)
 
     def forward(
         self, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor, *, sigma_data: float = SIGMA_DATA
@@ -137,27 +126,6 @@ class ViTBlock(nn.Module):
         return self.head(modulate(self.final_norm(u)[:, None], shift, scale)[:, 0])  # (N, K)
 
 
-class ViTLayer(nn.Module):
-    """A standard pre-LN transformer layer (ViT, Dosovitskiy et al. 2021): x + MSA(LN x), + MLP(LN x)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape  # (N, T, D)
-        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
-        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
-        return x + self.mlp(self.norm2(x))
-
-
 class ViTBaseline(nn.Module):
     """The end-to-end baseline: a plain ViT classifier of L layers, learned CLS token in slot 0,
     final LayerNorm on token 0, linear head. Same patch size, width and fixed position embedding
@@ -170,21 +138,15 @@ class ViTBaseline(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=cfg.patch, stride=cfg.patch)
         self.register_buffer("pos_embed", token_pos_embed(d, cfg.image_size // cfg.patch), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.layers = nn.ModuleList(ViTLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
+        self.layers = nn.ModuleList(PreLNLayer(d, cfg.heads, cfg.mlp_ratio, eps=1e-6) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, cfg.num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
         """The original ViT init: xavier linears, zero biases, CLS token and head at zero."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.zeros_(self.head.weight)
+        xavier_init(self, self.patch_embed)
+        zero_init(self.head)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, K) for images (N, C, H, W)."""
