@@ -144,5 +144,7 @@ def load_registered_block(tracking_uri: str, name: str, alias: str):
     """(network, spec, metadata) of ``models:/<name>@<alias>``."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}").unwrap_python_model()
+    # suppress_warnings: skip MLflow's scan of every installed package's metadata against the
+    # model's pip requirements (seconds per block, minutes on a loaded machine); the blocks are ours.
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}", suppress_warnings=True).unwrap_python_model()
     return model.net, model.spec, model.meta
