@@ -267,8 +267,8 @@ def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
             results = {}
             if set(manifest["registered"]) == set(manifest["jobs"]):
                 results = evaluate_sets(cfg, manifest, tracker, launcher, out)
-                print(f"\nrun {run_id}: guidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, "
-                      f"{cfg.train.steps} steps per block")  # fmt: skip
+                sampling = f"guidance {cfg.sample.guidance}, {cfg.sample.steps} Euler grid points, " if cfg.model.family == "dit" else ""
+                print(f"\nrun {run_id} ({cfg.model.family}): {sampling}{cfg.train.steps} steps per block")
                 print(format_table(results, eval_ranges(cfg), cfg.model.family))
                 path = write_metrics(results, out / "metrics.json", run_id=run_id, config=cfg.to_dict(),
                                      train_seconds=train_seconds, wall_seconds=time.perf_counter() - t_start,
