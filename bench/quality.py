@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(path.read_text()) if path.exists() and not args.quick else {}
     # A partial run (--families) replaces its own families' rows and keeps the others.
     merged_table = {**previous.get("table", {}), **table}
-    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = " ".join(["python bench/quality.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     seconds = time.perf_counter() - start
     wall = {**previous.get("wall_seconds_by_family", {}),
             **{f: seconds * sum(r["family"] == f for r in results) / len(results) for f in fams}}  # fmt: skip
