@@ -2,7 +2,7 @@
 
 For each family, the paper's B (DiT and ViT 3, AR 4, MDM 3; the recurrent core is one block)
 against the end-to-end baseline of the same total depth, each over ``--seeds`` seeds (mean +-
-std). Budget rule, the same for both sides: every block and the baseline take ``steps`` optimizer
+std; the DiT ablations other than the partition one over the first ABLATION_SEEDS of them). Budget rule, the same for both sides: every block and the baseline take ``steps`` optimizer
 steps at the same batch size, learning rate, warm-up and EMA (matched layer-compute: the B blocks
 together cost about one end-to-end model). Nothing is tuned per side.
 
@@ -52,7 +52,10 @@ from dblocks.seeds import derive_seed  # noqa: E402
 from dblocks.text import load_text_split  # noqa: E402
 
 # family -> base config (the same for both sides), the paper's B, and the variants compared.
-# A variant: (name, config overrides, baseline?). "e2e" is always the end-to-end baseline.
+# A variant: (name, config overrides, baseline?[, at most this many seeds]). "e2e" is always the
+# end-to-end baseline. The DiT ablations beyond the partition check run on the first
+# ABLATION_SEEDS seeds only, so that the full run fits in an hour on 2 cores.
+ABLATION_SEEDS = 2
 TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_samples": 5000, "ema_halflife_samples": 10000, "device": "cpu"}
 FAMILIES: dict[str, dict] = {
     "dit": {
@@ -63,16 +66,16 @@ FAMILIES: dict[str, dict] = {
         "variants": [
             ("e2e", {"blocks": {"num": 1}}, True),
             ("B=3", {}, False),
-            ("B=3 uniform-log", {"blocks": {"partition": "uniform_log"}}, False),
-            ("B=3 without w(sigma)", {"train": {"loss_weighting": False}}, False),
-            ("B=2", {"blocks": {"num": 2}}, False),
-            ("B=4", {"blocks": {"num": 4}}, False),
-            ("B=6", {"blocks": {"num": 6}}, False),
+            ("B=3 uniform-log", {"blocks": {"partition": "uniform_log"}}, False),  # an acceptance check: all seeds
+            ("B=3 without w(sigma)", {"train": {"loss_weighting": False}}, False, ABLATION_SEEDS),
+            ("B=2", {"blocks": {"num": 2}}, False, ABLATION_SEEDS),
+            ("B=4", {"blocks": {"num": 4}}, False, ABLATION_SEEDS),
+            ("B=6", {"blocks": {"num": 6}}, False, ABLATION_SEEDS),
         ],
         "metrics": ["heldout_loss", "fd_pixel", "fd_feature", "sample_accuracy"],
     },
     "vit": {
-        "base": {"name": "q-vit", "model": {"family": "vit", "size": "tiny"}},
+        "base": {"name": "q-vit", "model": {"family": "vit", "size": "tiny", "layers": 12}},  # the paper's depth
         "B": 3,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("B=3", {}, False)],
@@ -84,6 +87,7 @@ FAMILIES: dict[str, dict] = {
         "B": 4,
         "steps": 600,
         "variants": [("e2e", {}, True), ("B=4 pure", {}, False), ("B=4 mixed", {"model": {"mixed": True}}, False)],
+        "shares_first_blocks": {"B=4 mixed": "B=4 pure"},  # the mixed head changes the last block only
         "metrics": ["val_ce", "val_ce_sigma_max", "val_accuracy", "val_ce_next_head"],
     },
     "mdm": {
@@ -129,29 +133,50 @@ def batches(family_data: str, split_seed: int, seq_len: int | None):
     return (load_text_split(seq_len, split_seed).train,)
 
 
-def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool) -> dict:
-    """One model (all B blocks one after another, or the baseline), trained and evaluated here."""
+def train_block(cfg: RunConfig, spec, baseline: bool, rows: tuple) -> tuple[torch.nn.Module, float, float]:
+    """One block (or the baseline) for ``cfg.train.steps`` steps: (EMA net, mean of the last 50 losses, seconds)."""
+    t0 = time.perf_counter()
+    trainer = make_trainer(cfg, spec, baseline=baseline)
+    stream = BatchStream(len(rows[0]), cfg.train.batch_size, derive_seed(cfg.seed, "batches", spec.index, baseline))
+    last = [trainer.step(tuple(c[stream.indices(step)] for c in rows))["loss"] for step in range(cfg.train.steps)]
+    return trainer.ema.eval(), statistics.fmean(last[-50:]), time.perf_counter() - t0
+
+
+def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, siblings: tuple = ()) -> list[dict]:
+    """One model (all B blocks one after another, or the baseline), trained and evaluated here.
+
+    ``siblings``: (name, config) of variants that differ from this one in the LAST block only (the
+    AR mixed head). They reuse this model's first B-1 blocks -- the same construction, seeds and
+    batches, so training them again would give the same tensors (checked on the initial weights)
+    -- and train only their own last block. Their train_seconds include the shared blocks' time.
+    """
     torch.set_num_threads(1)
     cfg = RunConfig.from_dict(cfg_dict)
     plan = plan_for(cfg, 1 if baseline else cfg.blocks.num)
     rows = batches(cfg.data.source, cfg.data.split_seed, cfg.model.resolved().seq_len if cfg.data.source == "text" else None)
-    t0 = time.perf_counter()
-    nets, losses = [], []
-    for spec in plan:
-        trainer = make_trainer(cfg, spec, baseline=baseline)
-        stream = BatchStream(len(rows[0]), cfg.train.batch_size, derive_seed(cfg.seed, "batches", spec.index, baseline))
-        last = []
-        for step in range(cfg.train.steps):
-            idx = stream.indices(step)
-            last.append(trainer.step(tuple(c[idx] for c in rows))["loss"])
-        losses.append(statistics.fmean(last[-50:]))
-        nets.append(trainer.ema.eval())
-    train_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    res = evaluate_model(nets, plan, cfg, baseline=baseline)
-    out = {k: v for k, v in res.items() if isinstance(v, (float, int, str)) and not isinstance(v, bool)}
-    out.update(train_seconds=train_s, eval_seconds=time.perf_counter() - t1, final_train_loss=losses)
-    return {"family": family, "model": name, "seed": cfg.seed, "metrics": out}
+    trained = [train_block(cfg, spec, baseline, rows) for spec in plan]
+    models = [(name, cfg, trained)]
+    for sib_name, sib_dict in siblings:
+        sib = RunConfig.from_dict(sib_dict)
+        if plan_for(sib, sib.blocks.num) != plan:
+            raise ValueError(f"{sib_name}: its block plan differs from {name}'s; it cannot share blocks")
+        for spec in plan[:-1]:
+            a, b = make_trainer(cfg, spec, baseline=False).net, make_trainer(sib, spec, baseline=False).net
+            if a.state_dict().keys() != b.state_dict().keys() or not all(
+                torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items()
+            ):
+                raise ValueError(f"{sib_name}: block {spec.index} differs from {name}'s; it cannot share blocks")
+        models.append((sib_name, sib, trained[:-1] + [train_block(sib, plan[-1], False, rows)]))
+    results = []
+    for model_name, model_cfg, blocks in models:
+        nets = [net for net, _, _ in blocks]
+        t1 = time.perf_counter()
+        res = evaluate_model(nets, plan, model_cfg, baseline=baseline)
+        out = {k: v for k, v in res.items() if isinstance(v, (float, int, str)) and not isinstance(v, bool)}
+        out.update(train_seconds=sum(sec for _, _, sec in blocks), eval_seconds=time.perf_counter() - t1,
+                   final_train_loss=[loss for _, loss, _ in blocks])  # fmt: skip
+        results.append({"family": family, "model": model_name, "seed": model_cfg.seed, "metrics": out})
+    return results
 
 
 def summarise(results: list[dict]) -> dict:
@@ -212,7 +237,9 @@ def markdown(report: dict) -> str:
         lines.append("|---" * (len(keys) + 1) + "|")
         for model, cell in models.items():
             vals = [f"{cell[k]['mean']:.4g} +- {cell[k]['std']:.2g}" if k in cell else "-" for k in keys]
-            lines.append(f"| {model} | " + " | ".join(vals) + " |")
+            n = len(cell["train_seconds"]["values"])
+            shown = model if n == len(report["seeds"]) else f"{model} ({n} seed{'s' * (n > 1)})"
+            lines.append(f"| {shown} | " + " | ".join(vals) + " |")
         samples = [(m, c["sample_text"]) for m, c in models.items() if "sample_text" in c]
         for m, text in samples:
             lines += ["", f"Sample ({m}, seed {report['seeds'][0]}):", "", "```", text.strip()[:300], "```"]
@@ -274,20 +301,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     steps_of = {f: args.steps or (QUICK["steps"] if args.quick else FAMILIES[f]["steps"]) for f in fams}
-    tasks = [(fam, name, task_config(fam, over, seed, steps_of[fam], args.quick), baseline)
-             for fam in fams for name, over, baseline in FAMILIES[fam]["variants"] for seed in seeds]  # fmt: skip
+    tasks = []
+    for fam in fams:
+        shares = FAMILIES[fam].get("shares_first_blocks", {})  # variant -> the variant whose blocks it reuses
+        overrides = {v[0]: v[1] for v in FAMILIES[fam]["variants"]}
+        for name, over, baseline, *cap in FAMILIES[fam]["variants"]:
+            if name in shares:
+                continue
+            for seed in seeds[: cap[0] if cap else None]:
+                sibs = tuple((s, task_config(fam, overrides[s], seed, steps_of[fam], args.quick))
+                             for s, host in shares.items() if host == name)
+                tasks.append((fam, name, task_config(fam, over, seed, steps_of[fam], args.quick), baseline, sibs))
     start = time.perf_counter()
     results = []
     print(f"quality: {len(tasks)} models on {args.workers} processes", flush=True)
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(train_and_evaluate, *t): t for t in tasks}
         for f in as_completed(futures):
-            r = f.result()
-            results.append(r)
-            m = r["metrics"]
-            shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float) and k in FAMILIES[r["family"]]["metrics"]}
-            print(f"[{time.perf_counter() - start:7.1f}s] {r['family']:9s} {r['model']:22s} seed {r['seed']}: {shown} "
-                  f"(train {m['train_seconds']:.0f}s)", flush=True)  # fmt: skip
+            for r in f.result():
+                results.append(r)
+                m = r["metrics"]
+                shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float) and k in FAMILIES[r["family"]]["metrics"]}
+                print(f"[{time.perf_counter() - start:7.1f}s] {r['family']:9s} {r['model']:22s} seed {r['seed']}: {shown} "
+                      f"(train {m['train_seconds']:.0f}s)", flush=True)  # fmt: skip
     table = summarise(results)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,11 @@ class BlockTrainer:
         self.net, self.spec, self.loss_fn, self.train, self.noise = net, spec, loss_fn, train, noise
         self.levels = levels or self._sigmas
         self.ema = copy.deepcopy(net).requires_grad_(False)
+        params = list(net.parameters())
+        # The fused kernel (CPU and CUDA) is ~3x faster than the per-tensor loop on small blocks.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         self.opt = torch.optim.AdamW(
-            net.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay
+            params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay, fused=fused
         )
         self.generator = torch.Generator().manual_seed(block_seed(seed, spec.index))
         self.step_count = 0
@@ -97,8 +100,7 @@ class BlockTrainer:
     @torch.no_grad()
     def _update_ema(self, batch: int) -> None:
         beta = self.ema_beta(batch)
-        for e, p in zip(self.ema.parameters(), self.net.parameters()):
-            e.lerp_(p, 1.0 - beta)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - beta)
 
     # ---- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -84,8 +84,8 @@ def test_size_registry_and_validation():
     assert set(VIT_SIZES) == {"debug", "tiny"}
     d, t = vit_config("debug"), vit_config("tiny")
     assert (d.width, d.heads, d.layers, d.freq_dim) == (32, 2, 6, 32)
-    assert (t.width, t.heads, t.layers, t.freq_dim, t.patch, t.mlp_ratio) == (64, 4, 6, 64, 2, 4.0)
-    assert vit_config("tiny", layers=12).layers == 12
+    assert (t.width, t.heads, t.layers, t.freq_dim, t.patch, t.mlp_ratio) == (64, 4, 12, 64, 2, 4.0)
+    assert vit_config("tiny", layers=6).layers == 6
     for bad, key in [({"patch": 3}, "model.patch"), ({"heads": 5}, "model.heads"), ({"layers": 0}, "model.layers"),
                      ({"freq_dim": 31}, "model.freq_dim"), ({"size": "huge"}, "model.size")]:  # fmt: skip
         size = bad.pop("size", "debug")

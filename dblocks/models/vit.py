@@ -67,7 +67,7 @@ class ViTConfig:
 # ``debug`` trains in seconds; ``tiny`` is the benchmark/experiment size.
 VIT_SIZES: dict[str, ViTConfig] = {
     "debug": ViTConfig(width=32, heads=2, layers=6, freq_dim=32),
-    "tiny": ViTConfig(width=64, heads=4, layers=6),
+    "tiny": ViTConfig(width=64, heads=4, layers=12),  # the paper's depth: B=3 blocks of 4 layers
 }
 
 
