@@ -207,8 +207,8 @@ def evaluate_sets(cfg: RunConfig, manifest: dict, tracker: Tracker, launcher, ou
         if passed:
             for j in jobs:
                 tracker.set_alias(manifest["jobs"][j]["registered_model"], "champion", manifest["registered"][j])
-        log.info("%s: samples %s; %s", name, shown_path, "promoted to champion" if passed else
-                 "stays candidate (below the registry.champion_* threshold)")  # fmt: skip
+        log.info("%s: %s%s", name, "" if shown_path is None else f"samples {shown_path}; ",
+                 "promoted to champion" if passed else "stays candidate (below the registry.champion_* threshold)")  # fmt: skip
     return results
 
 
