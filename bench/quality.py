@@ -2,8 +2,9 @@
 
 For each family, the paper's B (DiT and ViT 3, AR 4, MDM 3; the recurrent core is one block)
 against the end-to-end baseline of the same total depth, each over ``--seeds`` seeds (mean +-
-std; the DiT ablations other than the partition one over the first ABLATION_SEEDS of them). Budget rule, the same for both sides: every block and the baseline take ``steps`` optimizer
-steps at the same batch size, learning rate, warm-up and EMA (matched layer-compute: the B blocks
+std; the DiT ablations other than the partition one over the first ABLATION_SEEDS of them).
+Budget rule, the same for both sides: every block and the baseline take ``steps`` optimizer steps
+at the same batch size, learning rate, warm-up and EMA (matched layer-compute: the B blocks
 together cost about one end-to-end model). Nothing is tuned per side.
 
 Rows
@@ -44,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dblocks.build import make_trainer, plan_for  # noqa: E402
+from dblocks.build import build_block, make_trainer, plan_for  # noqa: E402
 from dblocks.config import RunConfig  # noqa: E402
 from dblocks.data import BatchStream, load_digits_split  # noqa: E402
 from dblocks.evaluate import ROWS, evaluate_model  # noqa: E402
@@ -161,10 +162,8 @@ def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, s
         if plan_for(sib, sib.blocks.num) != plan:
             raise ValueError(f"{sib_name}: its block plan differs from {name}'s; it cannot share blocks")
         for spec in plan[:-1]:
-            a, b = make_trainer(cfg, spec, baseline=False).net, make_trainer(sib, spec, baseline=False).net
-            if a.state_dict().keys() != b.state_dict().keys() or not all(
-                torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items()
-            ):
+            a, b = (build_block(c.model, spec, c.seed).state_dict() for c in (cfg, sib))
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
                 raise ValueError(f"{sib_name}: block {spec.index} differs from {name}'s; it cannot share blocks")
         models.append((sib_name, sib, trained[:-1] + [train_block(sib, plan[-1], False, rows)]))
     results = []

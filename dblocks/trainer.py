@@ -47,6 +47,7 @@ class BlockTrainer:
         self.levels = levels or self._sigmas
         self.ema = copy.deepcopy(net).requires_grad_(False)
         params = list(net.parameters())
+        self._ema_pairs = (list(self.ema.parameters()), params)  # load_state_dict copies in place: stable
         # The fused kernel (CPU and CUDA) is ~3x faster than the per-tensor loop on small blocks.
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         self.opt = torch.optim.AdamW(
@@ -100,7 +101,7 @@ class BlockTrainer:
     @torch.no_grad()
     def _update_ema(self, batch: int) -> None:
         beta = self.ema_beta(batch)
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - beta)
+        torch._foreach_lerp_(*self._ema_pairs, 1.0 - beta)
 
     # ---- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
