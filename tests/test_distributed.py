@@ -26,14 +26,16 @@ from dblocks.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# 4 units per block. 200 steps (a few seconds of training) so that the three actors' training
+# overlaps by more than their start-up skew (test_blocks_trained_concurrently_on_their_own_actors).
 TINY = [
     "experiment=debug",
-    "train.steps=20",
-    "train.unit_steps=5",
-    "train.checkpoint_every=10",
+    "train.steps=200",
+    "train.unit_steps=50",
+    "train.checkpoint_every=100",
     "sample.steps=5",
     "sample.per_class=2",
-    "registry.champion_min_accuracy=0",  # 20 steps cannot reach a real bar; promotion itself is tested
+    "registry.champion_min_accuracy=0",  # 200 steps cannot reach a real bar; promotion itself is tested
 ]
 # Long enough to kill a worker in the middle: 20 units of 10 steps per block.
 LONG = ["experiment=debug", "train.steps=200", "train.unit_steps=10", "train.checkpoint_every=30", "train.batch_size=64",
