@@ -168,8 +168,8 @@ def register(cfg: RunConfig, manifest: dict, state: RunState, tracker: Tracker, 
             continue
         info = manifest["jobs"][job]
         spec = BlockSpec(**info["spec"])
-        tags = {"block": spec.index, "num_blocks": spec.num_blocks, "sigma_lo": repr(spec.sigma_lo),
-                "sigma_hi": repr(spec.sigma_hi), "plan_hash": info["plan_id"], "run_id": manifest["run_id"]}  # fmt: skip
+        tags = {"block": spec.index, "num_blocks": spec.num_blocks, "sigma_lo": repr(spec.lo),
+                "sigma_hi": repr(spec.hi), "plan_hash": info["plan_id"], "run_id": manifest["run_id"]}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.get_file(export_rel(manifest["run_id"], job), Path(tmp) / "block.safetensors")
             version = tracker.register_block(info["mlflow_run"], local, info["registered_model"], tags, "candidate")
@@ -256,7 +256,7 @@ def run(cfg: RunConfig, *, only: list[str] | None = None) -> dict:
         for job in jobs:
             s = manifest["jobs"][job]["spec"]
             log.info("plan: %s layers [%d, %d) sigma [%.4g, %.4g] (training [%.4g, %.4g]), %d units",
-                     job, s["layer_start"], s["layer_end"], s["sigma_lo"], s["sigma_hi"], s["train_lo"], s["train_hi"],
+                     job, s["layer_start"], s["layer_end"], s["lo"], s["hi"], s["train_lo"], s["train_hi"],
                      manifest["jobs"][job]["units"])  # fmt: skip
         ok = False
         try:

@@ -62,7 +62,7 @@ class Sampler:
 
     def info(self) -> dict:
         return {"versions": self.versions, "plan_hash": self.meta["plan"],
-                "ranges": [(s.sigma_lo, s.sigma_hi) for s in self.plan]}  # fmt: skip
+                "ranges": [(s.lo, s.hi) for s in self.plan]}  # fmt: skip
 
     def sample(self, labels: list[int], sample: dict, seed: int = 0) -> np.ndarray:
         """Class-conditional samples (N, C, H, W) in [-1, 1] from the chained blocks."""

@@ -87,7 +87,7 @@ def model_plans(cfg: RunConfig) -> dict[str, list[BlockSpec]]:
 
 def eval_ranges(cfg: RunConfig) -> list[tuple[float, float]]:
     """The ranges of the per-range held-out loss: the DiffusionBlocks plan's, for both models."""
-    return [(s.sigma_lo, s.sigma_hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
+    return [(s.lo, s.hi) for s in model_plans(cfg).get("blocks", plan_for(cfg, 1))]
 
 
 def build_block(model: ModelConfig, spec: BlockSpec, seed: int, *, baseline: bool = False) -> nn.Module:

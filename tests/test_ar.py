@@ -465,7 +465,7 @@ def test_short_training_lowers_the_block_and_baseline_losses():
     plan = make_plan(4, cfg.layers, gamma=0.1)
     train = TrainConfig(batch_size=16, lr=3e-3, warmup_samples=0)
     held = (_windows(32, cfg.seq_len, seed=99),)
-    sigma = torch.exp(torch.linspace(math.log(plan[0].sigma_lo), math.log(SIGMA_MAX), 32))
+    sigma = torch.exp(torch.linspace(math.log(plan[0].lo), math.log(SIGMA_MAX), 32))
 
     def held_loss(net, loss_fn):
         with torch.no_grad():

@@ -130,7 +130,7 @@ def test_finished_blocks_are_registered_tagged_aliased_and_loadable(job, stack):
         assert c.get_model_version_by_alias(f"debug-block{b}", "candidate").version == v.version
         assert {"candidate", "champion"} <= set(v.aliases)
         assert v.tags["block"] == str(b) and v.tags["num_blocks"] == "2" and v.tags["run_id"] == run
-        assert float(v.tags["sigma_lo"]) == spec.sigma_lo and float(v.tags["sigma_hi"]) == spec.sigma_hi  # not widened
+        assert float(v.tags["sigma_lo"]) == spec.lo and float(v.tags["sigma_hi"]) == spec.hi  # not widened
     assert c.get_model_version_by_alias("debug-e2e-block0", "candidate").tags["num_blocks"] == "1"
     mlflow.set_tracking_uri(stack["mlflow"])
     model = mlflow.pyfunc.load_model("models:/debug-block1@champion")

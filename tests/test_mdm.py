@@ -107,8 +107,8 @@ def test_cosine_partition_has_equal_alpha_decrements(num_blocks):
 
 def test_block_zero_owns_the_noisiest_interval_and_boundaries_go_up():
     plan = _plan(3)
-    assert (plan[0].sigma_lo, plan[0].sigma_hi) == (2 / 3, 1.0)
-    assert (plan[2].sigma_lo, plan[2].sigma_hi) == (0.0, 1 / 3)
+    assert (plan[0].lo, plan[0].hi) == (2 / 3, 1.0)
+    assert (plan[2].lo, plan[2].hi) == (0.0, 1 / 3)
     assert [s.num_layers for s in plan] == [2, 2, 2]
     bounds = plan_boundaries(plan)
     t = torch.tensor([1.0, 0.9, 2 / 3, math.nextafter(2 / 3, 0), 0.5, 1 / 3, 0.2, 0.0], dtype=torch.float64)

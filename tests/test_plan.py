@@ -19,11 +19,11 @@ def test_plan_layers_and_ranges(num_blocks, num_layers):
     # Equal contiguous layer groups; block 0 holds the first layers.
     assert [(s.layer_start, s.layer_end) for s in plan] == [(b * per, (b + 1) * per) for b in range(num_blocks)]
     # Block 0 owns the highest sigmas; ranges tile [sigma_min, sigma_max] with equal mass.
-    assert plan[0].sigma_hi == SIGMA_MAX and plan[-1].sigma_lo == SIGMA_MIN
+    assert plan[0].hi == SIGMA_MAX and plan[-1].lo == SIGMA_MIN
     for hi_block, lo_block in zip(plan, plan[1:]):
-        assert hi_block.sigma_lo == lo_block.sigma_hi
+        assert hi_block.lo == lo_block.hi
     for s in plan:
-        assert interval_mass(s.sigma_lo, s.sigma_hi) == pytest.approx(1 / num_blocks, abs=1e-9)
+        assert interval_mass(s.lo, s.hi) == pytest.approx(1 / num_blocks, abs=1e-9)
     assert plan_boundaries(plan) == partition_sigmas(num_blocks)
 
 
@@ -31,17 +31,17 @@ def test_plan_training_ranges_are_the_widened_ranges():
     gamma = 0.1
     plan = make_plan(3, 6, gamma=gamma)
     for s in plan:
-        delta = math.log(s.sigma_hi / s.sigma_lo)
-        assert s.train_lo == pytest.approx(max(SIGMA_MIN, s.sigma_lo * math.exp(-gamma * delta)), rel=1e-12)
-        assert s.train_hi == pytest.approx(min(SIGMA_MAX, s.sigma_hi * math.exp(gamma * delta)), rel=1e-12)
+        delta = math.log(s.hi / s.lo)
+        assert s.train_lo == pytest.approx(max(SIGMA_MIN, s.lo * math.exp(-gamma * delta)), rel=1e-12)
+        assert s.train_hi == pytest.approx(min(SIGMA_MAX, s.hi * math.exp(gamma * delta)), rel=1e-12)
     # Neighbouring training ranges overlap, routing ranges do not.
     for hi_block, lo_block in zip(plan, plan[1:]):
-        assert hi_block.train_lo < lo_block.sigma_hi < lo_block.train_hi
+        assert hi_block.train_lo < lo_block.hi < lo_block.train_hi
 
 
 def test_plan_gamma_zero_trains_on_the_routing_ranges():
     for s in make_plan(3, 6, gamma=0.0):
-        assert (s.train_lo, s.train_hi) == (s.sigma_lo, s.sigma_hi)
+        assert (s.train_lo, s.train_hi) == (s.lo, s.hi)
 
 
 def test_plan_uniform_partition():

@@ -128,8 +128,8 @@ def test_training_sigmas_come_from_the_widened_range(debug_cfg):
     assert sig.numel() == 4 * n_img
     assert sig.min() >= torch.tensor(spec.train_lo, dtype=torch.float32).double()
     assert sig.max() <= torch.tensor(spec.train_hi, dtype=torch.float32).double()
-    p_out = 1 - interval_mass(spec.sigma_lo, spec.sigma_hi) / interval_mass(spec.train_lo, spec.train_hi)
-    frac_out = ((sig < spec.sigma_lo) | (sig > spec.sigma_hi)).double().mean().item()
+    p_out = 1 - interval_mass(spec.lo, spec.hi) / interval_mass(spec.train_lo, spec.train_hi)
+    frac_out = ((sig < spec.lo) | (sig > spec.hi)).double().mean().item()
     assert abs(frac_out - p_out) < binomial_tol(p_out, sig.numel())
     assert t.step_count == 4 and t.samples == 4 * n_img
 

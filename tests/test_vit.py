@@ -280,7 +280,7 @@ def test_b_point_grid_puts_one_point_in_each_block_range(num_blocks):
     assert grid[0] == SIGMA_MAX and grid[-1] == SIGMA_MIN and len(grid) == num_blocks
     assert route(grid, plan_boundaries(plan)).tolist() == list(range(num_blocks))
     for j, s in enumerate(grid.tolist()):
-        assert plan[j].sigma_lo <= s <= plan[j].sigma_hi
+        assert plan[j].lo <= s <= plan[j].hi
 
 
 @pytest.mark.parametrize("num_blocks", [1, 3, 6])
@@ -329,7 +329,7 @@ def test_evaluate_baseline_is_one_forward_accuracy(cfg):
 def _heldout(net, spec, split) -> float:
     """Mean vit_loss on the test images, log-uniform sigma in the block's range, fixed draws."""
     g = torch.Generator().manual_seed(0)
-    log_sigma = torch.empty(len(split.test_y)).uniform_(math.log(spec.sigma_lo), math.log(spec.sigma_hi), generator=g)
+    log_sigma = torch.empty(len(split.test_y)).uniform_(math.log(spec.lo), math.log(spec.hi), generator=g)
     return vit_loss(net, (split.test_x, split.test_y), log_sigma.exp(), g).mean().item()
 
 

@@ -372,7 +372,7 @@ def evaluate_recurrent(
     if baseline != isinstance(net, RecurrentBaseline):
         raise ValueError(f"baseline={baseline}, but the net is a {type(net).__name__}")
     device = net.targets.device
-    opts = dict(iterations=iterations, seed=seed, sigma_min=plan[0].sigma_lo, sigma_max=plan[0].sigma_hi,
+    opts = dict(iterations=iterations, seed=seed, sigma_min=plan[0].lo, sigma_max=plan[0].hi,
                 p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)  # fmt: skip
     val = split.val[:windows].to(device)
     if val.shape[1] - 1 > net.cfg.seq_len:
@@ -388,7 +388,7 @@ def evaluate_recurrent(
         "sample_text": decode(sample.tolist()),
     }
     if not baseline:  # the sampler's first call alone: the core's predictive distribution from pure noise
-        first = torch.cat([first_call_logits(net, xb, seed=seed, sigma_max=plan[0].sigma_hi, sigma_data=sigma_data)
+        first = torch.cat([first_call_logits(net, xb, seed=seed, sigma_max=plan[0].hi, sigma_data=sigma_data)
                            for xb in x.split(256)])  # fmt: skip
         metrics["val_loss_first_call"] = F.cross_entropy(first.flatten(0, 1).float(), y.flatten()).item()
     return metrics

@@ -1,0 +1,96 @@
+"""What a family is: one object that knows everything the rest of the system asks of a model kind.
+
+The network, its config dataclass and its named sizes live in ``dblocks/models/<family>.py``
+(DiT's ``models.py`` shape). Everything else a family does lives behind :class:`Family`, one
+subclass per family in ``dblocks/families/<family>.py``, collected in ``FAMILIES``
+(``dblocks/families/__init__.py``). Trainer, worker, coordinator, sampler and registry only ever
+call these methods: a sixth family is two new files plus one registry line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..levels import Levels
+from ..plan import BlockSpec
+
+if TYPE_CHECKING:  # the config imports the registry; the families only read a RunConfig
+    from ..config import RunConfig
+
+# loss(net, batch, level, generator) -> per-sample loss (N,): level is sigma or MDM's t.
+LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the results table: a label, the results key, a format (``"{:.3f}"``)."""
+
+    label: str
+    key: str
+    fmt: str
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The family's headline metric and the registry's ``champion`` rule for it."""
+
+    key: str  # a float in the results dict
+    higher_is_better: bool
+    threshold: float  # champion at or beyond this (``registry.champion_threshold`` overrides)
+
+    def passes(self, value: float, threshold: float | None = None) -> bool:
+        t = self.threshold if threshold is None else threshold
+        return value >= t if self.higher_is_better else value <= t
+
+
+class Family:
+    """The interface every family implements (subclass and fill in; see DiT for the reference)."""
+
+    name: ClassVar[str]  # the ``model`` config group option: dit, vit, ar, mdm, recurrent
+    data: ClassVar[str]  # the built-in data source it trains on: digits | text
+    config: ClassVar[type]  # the network's config dataclass (DiTConfig, ...)
+    sizes: ClassVar[dict]  # named sizes of that config (DIT_SIZES, ...)
+    one_block: ClassVar[bool] = False  # the recurrent core: DiffusionBlocks is a single block
+    baseline_is_denoiser: ClassVar[bool] = False  # the end-to-end model is itself a denoiser (DiT)
+    rows: ClassVar[tuple[Row, ...]] = ()  # the results table
+    headline: ClassVar[Headline]
+
+    # ---- config --------------------------------------------------------------------------
+    def levels(self, run: RunConfig) -> Levels:
+        """The noise-level space its blocks partition (default: the run's sigma space ``noise``)."""
+        return run.noise
+
+    def check(self, run: RunConfig) -> None:
+        """Cross-field config rules of this family; raise ConfigError with a one-line message."""
+
+    # ---- training ------------------------------------------------------------------------
+    def build(self, cfg, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
+        """Block ``spec.index``'s network (``spec.num_layers`` layers) or the end-to-end baseline."""
+        raise NotImplementedError
+
+    def loss(self, cfg, levels: Levels, *, baseline: bool, weighted: bool) -> LossFn:
+        """The per-sample loss: Eq. 6 for a block (``weighted=False``: without w(sigma), the
+        ablation); the baseline's own objective for ``baseline`` (unchanged by ``weighted``)."""
+        raise NotImplementedError
+
+    # ---- inference -----------------------------------------------------------------------
+    def denoiser(self, net: nn.Module, levels: Levels):
+        """A trained block as the sampler's callable D(z, level, **cond)."""
+        raise NotImplementedError
+
+    def evaluate(self, nets: Sequence[nn.Module], plan: Sequence[BlockSpec], run: RunConfig, *, baseline: bool) -> dict:
+        """Metrics of one trained model (B blocks, or ``[net]`` of the baseline); floats keyed as in
+        ``rows`` and ``headline``, plus ``samples``/``labels`` (images) or ``sample_text`` (text)."""
+        raise NotImplementedError
+
+    def summary(self, run: RunConfig) -> str:
+        """What the run's summary line says about inference (e.g. the DiT's guidance); may be empty."""
+        return ""
+
+    def passes(self, results: dict, run: RunConfig) -> bool:
+        """Whether a trained set earns the registry's ``champion`` alias."""
+        return self.headline.passes(results[self.headline.key], run.registry.champion_threshold)
