@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml requirements-pins.txt
 install: $(STAMP)
 
 run: install                      ## B=3 DiffusionBlocks (3 Ray actors) + end-to-end baseline on digits
-	$(BIN)/python -m coordinator experiment=dit_digits $(ARGS)
+	$(BIN)/dblocks-run experiment=dit_digits $(ARGS)
 
 debug: install                    ## the < 1 minute smoke run
-	$(BIN)/python -m coordinator experiment=debug $(ARGS)
+	$(BIN)/dblocks-run experiment=debug $(ARGS)
 
-test: install
+test: install                     ## lint (ruff) + the test suite
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~80 min)

@@ -43,7 +43,7 @@ import torch
 from dblocks import (
     BlockTrainer,
     DiTBlock,
-    NoiseConfig,
+    SigmaLevels,
     TrainConfig,
     chain,
     classifier_free_guidance,
@@ -59,15 +59,16 @@ L = 12
 BLOCK_COUNTS = (2, 3, 4)
 TARGETS = {"activation_ratio": 1.05, "state_ratio": 1.10, "time_ratio": 1.10}  # each times 1/B
 ASSERTED = ("activation_ratio", "state_ratio")
+LEVELS = SigmaLevels()  # the paper's noise levels (the run config's ``noise`` defaults)
 
 
 def build(num_blocks: int, batch_size: int) -> list[BlockTrainer]:
     """One trainer per block of a ``num_blocks``-block plan (num_blocks=1 is the E2E model)."""
     cfg, trainers = dit_config("small", layers=L), []
-    for spec in make_plan(num_blocks, L):
+    for spec in make_plan(LEVELS, num_blocks, L):
         with seeded(spec.index):
             net = DiTBlock(cfg, spec.num_layers)
-        trainers.append(BlockTrainer(net, spec, dit_loss, TrainConfig(batch_size=batch_size), NoiseConfig(), seed=0))
+        trainers.append(BlockTrainer(net, spec, dit_loss, TrainConfig(batch_size=batch_size), LEVELS, seed=0))
     return trainers
 
 
@@ -129,8 +130,10 @@ def guided_chain(trainers: list[BlockTrainer], guidance: float):
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    batch = (torch.rand(args.batch_size, 1, 8, 8, generator=gen) * 2 - 1,
-             torch.randint(0, 10, (args.batch_size,), generator=gen))
+    batch = (
+        torch.rand(args.batch_size, 1, 8, 8, generator=gen) * 2 - 1,
+        torch.randint(0, 10, (args.batch_size,), generator=gen),
+    )
     models = {B: build(B, args.batch_size) for B in (1, *BLOCK_COUNTS)}  # key 1 = E2E
     saved = {B: [saved_bytes(tr, batch) for tr in trs] for B, trs in models.items()}  # first step
     state = {B: [state_bytes(tr) for tr in trs] for B, trs in models.items()}
@@ -138,7 +141,7 @@ def measure(args) -> dict:
     steps = {(B, i): functools.partial(tr.step, batch) for B, trs in models.items() for i, tr in enumerate(trs)}
     step_raw = interleaved(steps, args.rounds, args.warmup)
 
-    z = torch.randn(args.sample_batch, 1, 8, 8, generator=gen) * NoiseConfig().sigma_max
+    z = torch.randn(args.sample_batch, 1, 8, 8, generator=gen) * LEVELS.sigma_max
     labels = torch.arange(args.sample_batch) % 10
 
     def sampling(B: int, g: float, sigmas: torch.Tensor):
@@ -163,7 +166,9 @@ def measure(args) -> dict:
             "sample_time_ratio_by_guidance": {str(g): sample_s[(B, g)] / sample_s[(1, g)] for g in args.guidance},
             "all_blocks_step_time_ratio": sum(block_steps) / e2e_step,
             "time_ratio_best_of_rounds": max(step_min[(B, i)] for i in range(B)) / step_min[(1, 0)],
-            "sample_time_ratio_best_by_guidance": {str(g): sample_min[(B, g)] / sample_min[(1, g)] for g in args.guidance},
+            "sample_time_ratio_best_by_guidance": {
+                str(g): sample_min[(B, g)] / sample_min[(1, g)] for g in args.guidance
+            },
             "inv_B": 1 / B,
             "saved_bytes_per_block": saved[B],
             "state_bytes_per_block": state[B],
@@ -177,7 +182,9 @@ def measure(args) -> dict:
         "L": L,
         "results": results,
         "e2e": {
-            "saved_bytes": saved[1][0], "state_bytes": state[1][0], "step_seconds": e2e_step,
+            "saved_bytes": saved[1][0],
+            "state_bytes": state[1][0],
+            "step_seconds": e2e_step,
             "params": sum(p.numel() for p in models[1][0].net.parameters()),
             "sample_seconds_by_guidance": {str(g): sample_s[(1, g)] for g in args.guidance},
         },
@@ -185,20 +192,34 @@ def measure(args) -> dict:
             "train_step": {f"B{B}/block{i}": v for (B, i), v in step_raw.items()},
             "sample": {f"B{B}/guidance{g}": v for (B, g), v in sample_raw.items()},
         },
-        "targets": {k: f"<= {v}/B" + ("" if k in ASSERTED else " (reported, not asserted)") for k, v in TARGETS.items()},
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "model": "dit small", "dtype": "float32",
-                   "data": "random images in [-1, 1], random labels", "sampling_grid": "inference_sigmas"},
+        "targets": {
+            k: f"<= {v}/B" + ("" if k in ASSERTED else " (reported, not asserted)") for k, v in TARGETS.items()
+        },
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "model": "dit small",
+            "dtype": "float32",
+            "data": "random images in [-1, 1], random labels",
+            "sampling_grid": "inference_sigmas",
+        },
         "command": shlex.join(["python", *sys.argv]),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(), "python": platform.python_version()},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
     }
 
 
 def markdown(report: dict, seconds: float) -> str:
     cfg = report["config"]
     lines = [
-        f"# Block vs end-to-end memory and time (DiT small, L={report['L']})", "",
-        "| B | activation | state | step time | sample time (g=" + ", ".join(map(str, cfg["guidance"]))
+        f"# Block vs end-to-end memory and time (DiT small, L={report['L']})",
+        "",
+        "| B | activation | state | step time | sample time (g="
+        + ", ".join(map(str, cfg["guidance"]))
         + ") | 1/B | act. target | state target | time target | pass (act/state/time) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -48,9 +48,10 @@ sys.path.insert(0, str(ROOT))
 from dblocks.build import build_block, make_trainer, plan_for  # noqa: E402
 from dblocks.config import RunConfig  # noqa: E402
 from dblocks.data import BatchStream, load_digits_split  # noqa: E402
-from dblocks.evaluate import ROWS, evaluate_model  # noqa: E402
+from dblocks.families import FAMILIES as REGISTRY  # noqa: E402
 from dblocks.seeds import derive_seed  # noqa: E402
 from dblocks.text import load_text_split  # noqa: E402
+from worker.config import load_run_config  # noqa: E402
 
 # family -> base config (the same for both sides), the paper's B, and the variants compared.
 # A variant: (name, config overrides, baseline?[, at most this many seeds]). "e2e" is always the
@@ -60,8 +61,11 @@ ABLATION_SEEDS = 2
 TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_samples": 5000, "ema_halflife_samples": 10000, "device": "cpu"}
 FAMILIES: dict[str, dict] = {
     "dit": {
-        "base": {"name": "q-dit", "model": {"family": "dit", "size": "debug", "layers": 12},
-                 "sample": {"steps": 50, "guidance": 1.5, "per_class": 50}},  # fmt: skip
+        "base": {
+            "name": "q-dit",
+            "model": {"family": "dit", "size": "debug", "layers": 12},
+            "sample": {"steps": 50, "guidance": 1.5, "per_class": 50},
+        },
         "B": 3,
         "steps": 1000,
         "variants": [
@@ -83,8 +87,13 @@ FAMILIES: dict[str, dict] = {
         "metrics": ["test_accuracy"],
     },
     "ar": {
-        "base": {"name": "q-ar", "model": {"family": "ar", "size": "tiny", "seq_len": 32}, "data": {"source": "text"},
-                 "blocks": {"gamma": 0.1}, "train": {"batch_size": 32}},  # fmt: skip
+        "base": {
+            "name": "q-ar",
+            "model": {"family": "ar", "size": "tiny", "seq_len": 32},
+            "data": {"source": "text"},
+            "blocks": {"gamma": 0.1},
+            "train": {"batch_size": 32},
+        },
         "B": 4,
         "steps": 600,
         "variants": [("e2e", {}, True), ("B=4 pure", {}, False), ("B=4 mixed", {"model": {"mixed": True}}, False)],
@@ -92,16 +101,25 @@ FAMILIES: dict[str, dict] = {
         "metrics": ["val_ce", "val_ce_sigma_max", "val_accuracy", "val_ce_next_head"],
     },
     "mdm": {
-        "base": {"name": "q-mdm", "model": {"family": "mdm", "size": "tiny", "seq_len": 32}, "data": {"source": "text"},
-                 "blocks": {"gamma": 0.0}, "train": {"batch_size": 32}},  # fmt: skip
+        "base": {
+            "name": "q-mdm",
+            "model": {"family": "mdm", "size": "tiny", "seq_len": 32},
+            "data": {"source": "text"},
+            "blocks": {"gamma": 0.0},
+            "train": {"batch_size": 32},
+        },
         "B": 3,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("B=3", {}, False)],
         "metrics": ["test_bpc"],
     },
     "recurrent": {
-        "base": {"name": "q-rec", "model": {"family": "recurrent", "size": "tiny", "seq_len": 32}, "data": {"source": "text"},
-                 "train": {"batch_size": 32}},  # fmt: skip
+        "base": {
+            "name": "q-rec",
+            "model": {"family": "recurrent", "size": "tiny", "seq_len": 32},
+            "data": {"source": "text"},
+            "train": {"batch_size": 32},
+        },
         "B": 1,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("diffusion core", {}, False)],
@@ -121,7 +139,7 @@ def merge(a: dict, b: dict) -> dict:
 def task_config(family: str, variant: dict, seed: int, steps: int, quick: bool) -> dict:
     spec = FAMILIES[family]
     d = merge({"seed": seed, "blocks": {"num": spec["B"]}, "train": {**TRAIN, "steps": steps}}, spec["base"])
-    if quick and family == "dit":
+    if quick:  # the sampler settings of the image families (the others ignore them)
         d = merge(d, {"sample": QUICK["sample"]})
     return merge(d, variant)
 
@@ -152,17 +170,19 @@ def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, s
     -- and train only their own last block. Their train_seconds include the shared blocks' time.
     """
     torch.set_num_threads(1)
-    cfg = RunConfig.from_dict(cfg_dict)
+    cfg = load_run_config(cfg_dict)
     plan = plan_for(cfg, 1 if baseline else cfg.blocks.num)
-    rows = batches(cfg.data.source, cfg.data.split_seed, cfg.model.resolved().seq_len if cfg.data.source == "text" else None)
+    rows = batches(
+        cfg.data.source, cfg.data.split_seed, cfg.model.resolved().seq_len if cfg.data.source == "text" else None
+    )
     trained = [train_block(cfg, spec, baseline, rows) for spec in plan]
     models = [(name, cfg, trained)]
     for sib_name, sib_dict in siblings:
-        sib = RunConfig.from_dict(sib_dict)
+        sib = load_run_config(sib_dict)
         if plan_for(sib, sib.blocks.num) != plan:
             raise ValueError(f"{sib_name}: its block plan differs from {name}'s; it cannot share blocks")
         for spec in plan[:-1]:
-            a, b = (build_block(c.model, spec, c.seed).state_dict() for c in (cfg, sib))
+            a, b = (build_block(c, spec).state_dict() for c in (cfg, sib))
             if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
                 raise ValueError(f"{sib_name}: block {spec.index} differs from {name}'s; it cannot share blocks")
         models.append((sib_name, sib, trained[:-1] + [train_block(sib, plan[-1], False, rows)]))
@@ -170,10 +190,13 @@ def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, s
     for model_name, model_cfg, blocks in models:
         nets = [net for net, _, _ in blocks]
         t1 = time.perf_counter()
-        res = evaluate_model(nets, plan, model_cfg, baseline=baseline)
+        res = model_cfg.family.evaluate(nets, plan, model_cfg, baseline=baseline)
         out = {k: v for k, v in res.items() if isinstance(v, (float, int, str)) and not isinstance(v, bool)}
-        out.update(train_seconds=sum(sec for _, _, sec in blocks), eval_seconds=time.perf_counter() - t1,
-                   final_train_loss=[loss for _, loss, _ in blocks])  # fmt: skip
+        out.update(
+            train_seconds=sum(sec for _, _, sec in blocks),
+            eval_seconds=time.perf_counter() - t1,
+            final_train_loss=[loss for _, loss, _ in blocks],
+        )
         results.append({"family": family, "model": model_name, "seed": model_cfg.seed, "metrics": out})
     return results
 
@@ -222,15 +245,27 @@ def checks(table: dict) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"# DiffusionBlocks vs end-to-end, every family ({'quick' if report['quick'] else 'full'} run)", ""]
-    lines += [f"Command: `{report['command']}`  ", f"Wall time: {report['wall_seconds'] / 60:.1f} min on "
-              f"{report['machine']['cpus']} CPUs (families run: {', '.join(f'{k} {v / 60:.1f} min' for k, v in report['wall_seconds_by_family'].items())}); "
-              f"seeds {report['seeds']}; mean +- std over seeds.", ""]  # fmt: skip
-    labels = {key: label for rows in ROWS.values() for label, key, _ in rows}
-    labels.update(val_ce_next_head="val CE of the plain next-token head (mixed)", train_seconds="train time (s, 1 thread)")
+    by_family = ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["wall_seconds_by_family"].items())
+    lines += [
+        f"Command: `{report['command']}`  ",
+        f"Wall time: {report['wall_seconds'] / 60:.1f} min on {report['machine']['cpus']} CPUs "
+        f"(families run: {by_family}); seeds {report['seeds']}; mean +- std over seeds.",
+        "",
+    ]
+    labels = {row.key: row.label for fam in REGISTRY.values() for row in fam.rows}
+    labels.update(
+        val_ce_next_head="val CE of the plain next-token head (mixed)", train_seconds="train time (s, 1 thread)"
+    )
     for fam, models in report["table"].items():
         spec = report["families"][fam]
-        lines += [f"## {fam}", "", f"{spec['steps']} steps per block and for the baseline, batch {merge(TRAIN, spec['base'].get('train', {}))['batch_size']}; "
-                  f"model `{json.dumps(spec['base']['model'])}`.", ""]  # fmt: skip
+        batch = merge(TRAIN, spec["base"].get("train", {}))["batch_size"]
+        lines += [
+            f"## {fam}",
+            "",
+            f"{spec['steps']} steps per block and for the baseline, batch {batch}; "
+            f"model `{json.dumps(spec['base']['model'])}`.",
+            "",
+        ]
         keys = [k for k in spec["metrics"] + ["train_seconds"] if any(k in m for m in models.values())]
         lines.append("| model | " + " | ".join(labels.get(k, k) for k in keys) + " |")
         lines.append("|---" * (len(keys) + 1) + "|")
@@ -267,8 +302,11 @@ def plot_b_trend(table: dict, path: Path) -> Path | None:
     models = [("e2e", 1), ("B=2", 2), ("B=3", 3), ("B=4", 4), ("B=6", 6)]
     present = [(m, b) for m, b in models if m in table["dit"]]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ("heldout_loss", "fd_feature", "sample_accuracy"),
-                              ("held-out weighted loss", "classifier-feature FD", "sample accuracy")):  # fmt: skip
+    for ax, key, label in zip(
+        axes,
+        ("heldout_loss", "fd_feature", "sample_accuracy"),
+        ("held-out weighted loss", "classifier-feature FD", "sample accuracy"),
+    ):
         xs = [b for _, b in present]
         ys = [table["dit"][m][key]["mean"] for m, _ in present]
         es = [table["dit"][m][key]["std"] for m, _ in present]
@@ -308,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             if name in shares:
                 continue
             for seed in seeds[: cap[0] if cap else None]:
-                sibs = tuple((s, task_config(fam, overrides[s], seed, steps_of[fam], args.quick))
-                             for s, host in shares.items() if host == name)
+                sibs = tuple(
+                    (s, task_config(fam, overrides[s], seed, steps_of[fam], args.quick))
+                    for s, host in shares.items()
+                    if host == name
+                )
                 tasks.append((fam, name, task_config(fam, over, seed, steps_of[fam], args.quick), baseline, sibs))
     start = time.perf_counter()
     results = []
@@ -320,9 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             for r in f.result():
                 results.append(r)
                 m = r["metrics"]
-                shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float) and k in FAMILIES[r["family"]]["metrics"]}
-                print(f"[{time.perf_counter() - start:7.1f}s] {r['family']:9s} {r['model']:22s} seed {r['seed']}: {shown} "
-                      f"(train {m['train_seconds']:.0f}s)", flush=True)  # fmt: skip
+                shown = {
+                    k: round(v, 4)
+                    for k, v in m.items()
+                    if isinstance(v, float) and k in FAMILIES[r["family"]]["metrics"]
+                }
+                print(
+                    f"[{time.perf_counter() - start:7.1f}s] {r['family']:9s} {r['model']:22s} seed {r['seed']}: "
+                    f"{shown} (train {m['train_seconds']:.0f}s)",
+                    flush=True,
+                )
     table = summarise(results)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -332,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     merged_table = {**previous.get("table", {}), **table}
     command = " ".join(["python bench/quality.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     seconds = time.perf_counter() - start
-    wall = {**previous.get("wall_seconds_by_family", {}),
-            **{f: seconds * sum(r["family"] == f for r in results) / len(results) for f in fams}}  # fmt: skip
+    wall = {
+        **previous.get("wall_seconds_by_family", {}),
+        **{f: seconds * sum(r["family"] == f for r in results) / len(results) for f in fams},
+    }
     report = {
         "command": command,
         "commands": {**previous.get("commands", {}), **{f: command for f in fams}},  # which run made each family's rows
@@ -341,8 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "wall_seconds_by_family": wall,
         "wall_seconds": sum(wall.values()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "threads_per_model": 1,
-                    "workers": args.workers},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads_per_model": 1,
+            "workers": args.workers,
+        },
         "train": TRAIN,
         "families": {**previous.get("families", {}), **{f: {**FAMILIES[f], "steps": steps_of[f]} for f in fams}},
         "table": merged_table,

@@ -1,22 +1,21 @@
-"""Entry point: ``python -m coordinator [hydra overrides]`` (e.g. ``experiment=debug``)."""
+"""``dblocks-run`` / ``python -m coordinator [hydra overrides]``: the main job (e.g. ``experiment=debug``).
+
+``only=[K, ...]`` trains just those blocks of the experiment, in this process (``workers.backend=inline``,
+no baseline), and registers them: one block on one machine without a cluster.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dblocks.config import ConfigError, RunConfig
-
-
-def to_run_config(cfg: DictConfig, *drop: str) -> RunConfig:
-    """Hydra's composed config -> the library's typed RunConfig (validated; names the bad key)."""
-    d = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", *drop):
-        d.pop(key, None)
-    return RunConfig.from_dict(d)
+from dblocks.config import Backend, ConfigError, RunConfig
+from worker.config import config_dir, load_command, register
+from worker.record import JobId
 
 
 def fail(e: BaseException) -> None:
@@ -24,23 +23,39 @@ def fail(e: BaseException) -> None:
     sys.exit(2)
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    try:
-        run_cfg = to_run_config(cfg)
-    except ConfigError as e:
-        fail(e)
+
+
+def standalone(cfg: RunConfig, only: list[int]) -> tuple[RunConfig, list[JobId]]:
+    """``only=[K, ...]``: these blocks alone, in this process, without the end-to-end baseline."""
+    for k in only:
+        if not 0 <= k < cfg.blocks.num:
+            raise ConfigError(
+                f"only={list(only)}: block {k} is not in 0..{cfg.blocks.num - 1} (blocks.num={cfg.blocks.num})"
+            )
+    inline = dataclasses.replace(cfg.workers, backend=Backend.inline)
+    return dataclasses.replace(cfg, baseline=False, workers=inline), [JobId("blocks", k) for k in only]
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    setup_logging()
     from .errors import USER_ERRORS
     from .run import run
 
     try:
-        run(run_cfg)
+        run_cfg, args = load_command(cfg)
+        jobs = None
+        if args["only"]:
+            run_cfg, jobs = standalone(run_cfg, args["only"])
+        run(run_cfg, only=jobs)
     except USER_ERRORS as e:
         fail(e)
 
 
 def main() -> None:
+    register()
     _main()
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dblocks.config import ConfigError
 from worker.shards import ShardError
-from worker.state import StateError
 from worker.storage import StorageError
+from worker.store import StoreError
 
-from .launch import LaunchError
-from .run import RunFailed
+from .policy import RunFailed
 from .sampler import BlockSetError
 from .tracking import TrackingError
+from .workers import LaunchError
 
-USER_ERRORS = (ConfigError, StateError, StorageError, ShardError, LaunchError, TrackingError, BlockSetError, RunFailed)
+USER_ERRORS = (ConfigError, StoreError, StorageError, ShardError, LaunchError, TrackingError, BlockSetError, RunFailed)

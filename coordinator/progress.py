@@ -14,11 +14,12 @@ from rich.table import Table
 log = logging.getLogger(__name__)
 
 
-def _fmt(job: str, p: dict) -> list[str]:
+def _fmt(job: object, p: dict) -> list[str]:
     done, total = int(float(p.get("samples", 0))), int(float(p.get("samples_total", 0) or 0))
     loss = f"{float(p['loss']):.4f}" if p.get("loss") else "-"
     rate = f"{float(p['samples_per_s']):.0f}" if p.get("samples_per_s") else "-"
-    return [job, f"{done}/{total}", f"{p.get('units_done', 0)}/{p.get('units_total', '?')}", loss, rate, p.get("state", "?")]
+    units = f"{p.get('units_done', 0)}/{p.get('units_total', '?')}"
+    return [str(job), f"{done}/{total}", units, loss, rate, p.get("state", "?")]
 
 
 class Progress:
@@ -38,7 +39,8 @@ class Progress:
         if self._live:
             self._live.stop()
 
-    def update(self, progress: dict[str, dict]) -> None:
+    def update(self, progress: dict) -> None:
+        """``progress``: each job's progress hash (keys: JobId or its string)."""
         rows = [_fmt(job, p) for job, p in progress.items()]
         if self._live:
             table = Table(*self.COLUMNS, title="dblocks")

@@ -1,7 +1,7 @@
 """A registered block as an MLflow pyfunc model, logged as code (models-from-code: no pickle).
 
 ``predict({"z": ..., "sigma": (N,) or scalar, **cond})`` is the block's denoiser D(z, sigma, **cond)
-(``dblocks.build.family_denoiser``): for the DiT ``cond`` is ``labels`` (N,) and D the denoised
+(``Family.denoiser``): for the DiT ``cond`` is ``labels`` (N,) and D the denoised
 image; for the ViT ``images``; for the AR family ``context`` (N, T) token ids. Integer arrays
 become int64 tensors, the rest float32. ``.net``/``.spec``/``.meta`` give the network itself (an
 end-to-end baseline that is not a denoiser is used through ``.net``).
@@ -13,9 +13,9 @@ import mlflow
 import numpy as np
 import torch
 
-from dblocks.build import block_from_export, family_denoiser
+from dblocks.build import block_from_export, export_levels
 from dblocks.checkpoint import load_checkpoint
-from dblocks.config import ModelConfig
+from dblocks.families import get_family
 
 with warnings.catch_warnings():  # predict takes a dict of arrays: no type hints for MLflow to check
     warnings.filterwarnings("ignore", message=".*type hints.*")
@@ -24,15 +24,17 @@ with warnings.catch_warnings():  # predict takes a dict of arrays: no type hints
         def load_context(self, context) -> None:
             tensors, self.meta = load_checkpoint(context.artifacts["block"])
             self.net, self.spec = block_from_export(tensors, self.meta)
-            self.model = ModelConfig(**self.meta["model"])
+            self.family = get_family(self.meta["model"]["family"])
 
         def predict(self, context, model_input, params=None):
-            if self.meta.get("baseline") and self.model.family != "dit":
-                raise TypeError(f"the end-to-end {self.model.family} baseline is not a denoiser; use .unwrap_python_model().net")
+            if self.meta.get("baseline") and not self.family.baseline_is_denoiser:
+                raise TypeError(
+                    f"the end-to-end {self.family.name} baseline is not a denoiser; use .unwrap_python_model().net"
+                )
             z = torch.as_tensor(np.asarray(model_input["z"]), dtype=torch.float32)
             sigma = torch.as_tensor(np.asarray(model_input["sigma"]), dtype=torch.float32).expand(len(z))
             cond = {k: _tensor(v) for k, v in model_input.items() if k not in ("z", "sigma")}
-            denoiser = family_denoiser(self.model, self.net, self.meta["noise"]["sigma_data"])
+            denoiser = self.family.denoiser(self.net, export_levels(self.meta))
             with torch.no_grad():
                 return denoiser(z, sigma, **cond).numpy()
 

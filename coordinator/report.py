@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dblocks.config import RunConfig
 from dblocks.data import unscale_pixels
-from dblocks.evaluate import ROWS
 
 
 def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4) -> Path:
@@ -27,15 +27,11 @@ def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4
     return path
 
 
-def format_table(results: dict[str, dict], ranges: list[tuple[float, float]], family: str = "dit") -> str:
-    """One column per model (e.g. 'DiffusionBlocks B=3', 'end-to-end'), one row per metric."""
+def format_table(results: dict[str, dict], cfg: RunConfig) -> str:
+    """One column per model (e.g. 'DiffusionBlocks B=3', 'end-to-end'), one row per metric of the
+    run's family (``Family.table_rows``)."""
     names = list(results)
-    cell = lambda r, key, fmt: fmt.format(r[key]) if isinstance(r.get(key), float) else "-"  # noqa: E731
-    rows = [(label, [cell(results[n], key, fmt) for n in names]) for label, key, fmt in ROWS[family]]
-    if family == "dit":
-        for i, (lo, hi) in enumerate(ranges):
-            rows.append((f"held-out loss, block {i} [{lo:.3g}, {hi:.3g}]",
-                         [f"{results[n]['heldout_loss_per_range'][i]:.4f}" for n in names]))  # fmt: skip
+    rows = [(row.label, [row.cell(results[n]) for n in names]) for row in cfg.family.table_rows(cfg)]
     width = max(len(r[0]) for r in rows)
     colw = [max(len(n), 10) for n in names]
     lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, colw))]

@@ -1,56 +1,62 @@
-"""``python -m coordinator.sample [alias=champion] [out=grid.png] [experiment=...]``: load the
-registered blocks of one alias into a sampler actor, sample a 10 x 10 grid (row = digit), write
+"""``dblocks-sample`` / ``python -m coordinator.sample [alias=champion] [out=grid.png] [experiment=...]``:
+load the registered blocks of one alias into a sampler, sample a 10 x 10 grid (row = class), write
 it as a PNG and log it to the run that trained the blocks."""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from dblocks.config import ConfigError
+from worker.config import config_dir, load_command, register
 
-from .__main__ import fail, to_run_config
+from .__main__ import fail, setup_logging
 
 
-@hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
+@hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    setup_logging()
     from .errors import USER_ERRORS
-    from .launch import make_launcher
     from .report import save_grid
     from .run import artifact_location, default_tracking_uri
     from .sampler import block_set
-    from .tracking import Tracker, registry_versions
+    from .tracking import MlflowTracker, registry_versions
+    from .workers import make_workers
 
     try:
-        run_cfg = to_run_config(cfg, "alias", "out", "model_prefix")
-        if run_cfg.model.family != "dit":
-            raise ConfigError(f"model.family={run_cfg.model.family}: coordinator.sample draws digit grids (dit); the main job "
-                              "evaluates every family's set from the registry and writes output_dir/<model>/sample.txt")  # fmt: skip
-        uri, prefix = default_tracking_uri(run_cfg), cfg.model_prefix or run_cfg.name
-        block_set(uri, prefix, cfg.alias)  # a bad set fails here, before Ray starts
-        launcher = make_launcher(run_cfg)
+        run_cfg, args = load_command(cfg)
+        family = run_cfg.family
+        if not family.baseline_is_denoiser:
+            raise ConfigError(
+                f"model.family={family.name}: dblocks-sample draws class-conditional image grids from "
+                f"denoiser sets; the main job evaluates {family.name} sets from the registry"
+            )
+        uri, prefix = default_tracking_uri(run_cfg), args["model_prefix"] or run_cfg.name
+        block_set(uri, prefix, args["alias"])  # a bad set fails here, before any worker starts
+        workers = make_workers(run_cfg)
         try:
-            (call,) = launcher.samplers([(uri, prefix, cfg.alias)])
-            labels = [d for d in range(10) for _ in range(10)]
-            samples = launcher.get(call("sample", (labels, dict(run_cfg.sample.__dict__), run_cfg.seed)))
+            (call,) = workers.samplers([(uri, prefix, args["alias"])])
+            labels = [c for c in range(10) for _ in range(10)]
+            samples = workers.get(call("sample", (labels, dataclasses.asdict(run_cfg.sample), run_cfg.seed)))
         finally:
-            launcher.shutdown()
+            workers.shutdown()
         import torch
 
-        out = Path(cfg.out or Path(run_cfg.output_dir) / f"samples-{cfg.alias}.png")
+        out = Path(args["out"] or Path(run_cfg.output_dir) / f"samples-{args['alias']}.png")
         save_grid(torch.from_numpy(samples), out, columns=10)
-        run_id = registry_versions(uri, prefix, cfg.alias)[0].run_id
-        Tracker(uri, run_cfg.mlflow.experiment or run_cfg.name, artifact_location(uri)).log_artifact(run_id, out, f"samples/{cfg.alias}")
+        run_id = registry_versions(uri, prefix, args["alias"])[0].run_id
+        tracker = MlflowTracker(uri, run_cfg.mlflow.experiment or run_cfg.name, artifact_location(uri))
+        tracker.log_artifact(run_id, out, f"samples/{args['alias']}")
         print(f"{out} (logged to MLflow run {run_id})")
     except USER_ERRORS as e:
         fail(e)
 
 
 def main() -> None:
+    register()
     _main()
 
 

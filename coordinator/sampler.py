@@ -1,8 +1,8 @@
 """The sampler: load all B registered blocks of one alias, check they form one plan, chain them.
 
-Runs as a Ray actor (coordinator/launch.py) or in-process. It refuses a set with a missing
-block, blocks from different plans (plan hash), or sigma ranges that do not tile
-[sigma_min, sigma_max] contiguously.
+Runs as a Ray actor (coordinator/workers.py) or in-process. It refuses a set with a missing
+block, blocks from different plans (plan hash), or level ranges (tags ``lo``/``hi``: sigma, or
+MDM's t) that do not tile the family's level range contiguously.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import math
 import numpy as np
 import torch
 
-from dblocks.config import ModelConfig, NoiseConfig, RunConfig, SampleConfig
-from dblocks.evaluate import chain, evaluate_model, generate
+from dblocks.build import export_levels
+from dblocks.config import SampleConfig
+from dblocks.families import get_family
+from worker.config import load_run_config
 
 from .tracking import load_registered_block, registry_versions
 
@@ -26,21 +28,27 @@ def check_block_set(tags: list[dict], prefix: str, alias: str) -> None:
     """``tags`` of versions ``<prefix>-block0..`` (block order): one plan, every block, contiguous."""
     where = f"{prefix}-block*@{alias}"
     if not tags:
-        raise BlockSetError(f"{where}: no registered block {prefix}-block0 has alias {alias!r}; train and register the run first")
+        raise BlockSetError(
+            f"{where}: no registered block {prefix}-block0 has alias {alias!r}; train and register the run first"
+        )
     num = int(tags[0]["num_blocks"])
     if len(tags) != num:
         raise BlockSetError(f"{where}: block {len(tags)} of {num} is missing (found {len(tags)} blocks)")
     hashes = sorted({t["plan_hash"] for t in tags})
     if len(hashes) > 1:
         runs = sorted({t.get("run_id", "?") for t in tags})
-        raise BlockSetError(f"{where}: blocks come from {len(hashes)} plans ({', '.join(hashes)}; runs {', '.join(runs)}); "
-                            "point the alias at blocks of one run")  # fmt: skip
+        raise BlockSetError(
+            f"{where}: blocks come from {len(hashes)} plans ({', '.join(hashes)}; runs {', '.join(runs)}); "
+            "point the alias at blocks of one run"
+        )
     for b, t in enumerate(tags):
         if int(t["block"]) != b or int(t["num_blocks"]) != num:
             raise BlockSetError(f"{where}: {prefix}-block{b} is tagged block {t['block']} of {t['num_blocks']}")
-        if b + 1 < num and not math.isclose(float(t["sigma_lo"]), float(tags[b + 1]["sigma_hi"]), rel_tol=1e-9):
-            raise BlockSetError(f"{where}: sigma ranges are not contiguous: block {b} starts at {t['sigma_lo']}, "
-                                f"block {b + 1} ends at {tags[b + 1]['sigma_hi']}")  # fmt: skip
+        if b + 1 < num and not math.isclose(float(t["lo"]), float(tags[b + 1]["hi"]), rel_tol=1e-9):
+            raise BlockSetError(
+                f"{where}: level ranges are not contiguous: block {b} starts at {t['lo']}, "
+                f"block {b + 1} ends at {tags[b + 1]['hi']}"
+            )
 
 
 def block_set(tracking_uri: str, prefix: str, alias: str) -> list:
@@ -57,24 +65,26 @@ class Sampler:
         self.nets = [n for n, _, _ in loaded]
         self.plan = [s for _, s, _ in loaded]
         self.meta = loaded[0][2]
-        self.noise = NoiseConfig(**self.meta["noise"])
+        self.family = get_family(self.meta["model"]["family"])
+        self.levels = export_levels(self.meta)
         self.versions = [(v.name, v.version) for v in versions]
 
     def info(self) -> dict:
-        return {"versions": self.versions, "plan_hash": self.meta["plan"],
-                "ranges": [(s.lo, s.hi) for s in self.plan]}  # fmt: skip
+        return {
+            "versions": self.versions,
+            "plan_hash": self.meta["plan_hash"],
+            "ranges": [(s.lo, s.hi) for s in self.plan],
+        }
 
     def sample(self, labels: list[int], sample: dict, seed: int = 0) -> np.ndarray:
-        """Class-conditional samples (N, C, H, W) in [-1, 1] from the chained blocks."""
-        router = chain(self.nets, self.plan, self.noise.sigma_data)
-        dit = ModelConfig(**self.meta["model"]).dit()
-        shape = (dit.channels, dit.image_size, dit.image_size)
-        out = generate(router, torch.tensor(labels), SampleConfig(**sample), self.noise, shape=shape,
-                       null_label=self.nets[0].null_label, seed=seed)  # fmt: skip
-        return out.numpy()
+        """Class-conditional samples (N, C, H, W) in [-1, 1] from the chained blocks (image families)."""
+        labels = torch.tensor(labels)
+        return self.family.generate(
+            self.nets, self.plan, self.levels, labels, SampleConfig(**sample), seed=seed
+        ).numpy()
 
     def evaluate(self, config: dict) -> dict:
         """The family's metrics for this set (``config``: the run's RunConfig as a dict)."""
-        cfg = RunConfig.from_dict(config)
-        res = evaluate_model(self.nets, self.plan, cfg, baseline=self.meta.get("baseline", False))
+        cfg = load_run_config(config)
+        res = cfg.family.evaluate(self.nets, self.plan, cfg, baseline=self.meta.get("baseline", False))
         return {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in res.items()}

@@ -1,8 +1,10 @@
-"""MLflow, behind one small class: runs, metrics, artifacts and the model registry.
+"""Tracking behind one small interface, :class:`Tracker`: runs, metrics, artifacts, the model registry.
 
-The coordinator is the only writer (a sqlite store does not take concurrent writers): a parent
-run per training run, a child run per block, and on completion each finished block registered
-as a new version of ``<name>-block<b>``, tagged and aliased. A registered block is an MLflow
+:class:`MlflowTracker` is the real one; :class:`NullTracker` keeps everything in memory (fake run
+ids and versions) for in-process runs and tests. With MLflow, the coordinator is the only writer
+(a sqlite store does not take concurrent writers): a parent run per training run, a child run per
+block, and on completion each finished block registered as a new version of ``<name>-block<b>``,
+tagged and aliased. A registered block is an MLflow
 pyfunc model whose artifact is the block's safetensors export, so
 ``mlflow.pyfunc.load_model("models:/<name>-block<b>@champion").unwrap_python_model().net`` is
 the trained network (the model is logged as code, ``pyfunc_block.py``; nothing is pickled).
@@ -12,18 +14,18 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 import urllib.request
+import warnings
+from collections import defaultdict
 from pathlib import Path
+from typing import Protocol
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
-
 
 
 class TrackingError(RuntimeError):
@@ -38,10 +40,73 @@ def check_reachable(uri: str) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except OSError as e:
-            raise TrackingError(f"mlflow.tracking_uri={uri}: cannot reach the tracking server ({e}); start it or fix the URI") from None
+            raise TrackingError(
+                f"mlflow.tracking_uri={uri}: cannot reach the tracking server ({e}); start it or fix the URI"
+            ) from None
 
 
-class Tracker:
+class Tracker(Protocol):
+    uri: str
+
+    def start_run(self, name: str, tags: dict, parent_id: str | None = None, system_metrics: bool = False) -> str: ...
+    def reopen(self, run_id: str, system_metrics: bool = False) -> None: ...
+    def log_params(self, run_id: str, params: dict) -> None: ...
+    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None: ...
+    def log_dict(self, run_id: str, obj: dict, path: str) -> None: ...
+    def log_artifact(self, run_id: str, local: str | Path, artifact_path: str | None = None) -> None: ...
+    def end(self, run_id: str, ok: bool) -> None: ...
+    def register_block(self, run_id: str, export_file: Path, name: str, tags: dict, alias: str) -> str: ...
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
+
+
+class NullTracker:
+    """Tracks nothing anywhere: run ids ``null-<n>``, versions counting from 1; what was logged
+    stays readable in memory (``metrics``, ``params``, ``aliases``) for tests."""
+
+    uri = "null://"
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict] = {}  # run id -> {"name", "tags", "status"}
+        self.params: dict[str, dict] = defaultdict(dict)
+        self.metrics: dict[str, list[tuple[dict, int]]] = defaultdict(list)  # run id -> [(metrics, step)]
+        self.versions: dict[str, list[dict]] = defaultdict(list)  # registered name -> tags of each version
+        self.aliases: dict[tuple[str, str], str] = {}  # (name, alias) -> version
+
+    def start_run(self, name: str, tags: dict, parent_id: str | None = None, system_metrics: bool = False) -> str:
+        run_id = f"null-{len(self.runs)}"
+        self.runs[run_id] = {"name": name, "tags": dict(tags), "parent": parent_id, "status": "RUNNING"}
+        return run_id
+
+    def reopen(self, run_id: str, system_metrics: bool = False) -> None:
+        self.runs.setdefault(run_id, {"name": run_id, "tags": {}, "parent": None})["status"] = "RUNNING"
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        self.params[run_id].update(_flatten(params))
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+        self.metrics[run_id].append((dict(metrics), step))
+
+    def log_dict(self, run_id: str, obj: dict, path: str) -> None:
+        pass
+
+    def log_artifact(self, run_id: str, local: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def end(self, run_id: str, ok: bool) -> None:
+        self.reopen(run_id)
+        self.runs[run_id]["status"] = "FINISHED" if ok else "FAILED"
+
+    def register_block(self, run_id: str, export_file: Path, name: str, tags: dict, alias: str) -> str:
+        self.versions[name].append({k: str(v) for k, v in tags.items()})
+        version = str(len(self.versions[name]))
+        self.set_alias(name, alias, version)
+        return version
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.aliases[(name, alias)] = version
+
+
+class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
         check_reachable(tracking_uri)
         self.uri = tracking_uri
@@ -81,8 +146,12 @@ class Tracker:
                 pass
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        ms = [mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step) for k, v in metrics.items()
-              if isinstance(v, (int, float)) and np.isfinite(v)]  # fmt: skip
+        now = int(1000 * time.time())
+        ms = [
+            mlflow.entities.Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and np.isfinite(v)
+        ]
         if ms:
             self.client.log_batch(run_id, metrics=ms)
 
@@ -105,9 +174,11 @@ class Tracker:
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*type hints.*")  # predict takes a dict of arrays
             info = mlflow.pyfunc.log_model(
-                name="block", python_model=str(PYFUNC_CODE), artifacts={"block": str(export_file)},
+                name="block",
+                python_model=str(PYFUNC_CODE),
+                artifacts={"block": str(export_file)},
                 pip_requirements=["torch", "safetensors", "numpy"],
-            )  # fmt: skip
+            )
         mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
         self.client.set_registered_model_alias(name, alias, mv.version)
         return mv.version

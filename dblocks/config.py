@@ -1,167 +1,225 @@
-"""Typed run configuration. Hydra composes it at the entry points; the library only sees these.
+"""Typed run configuration: the one schema. Hydra composes it at the entry points (``worker/config.py``
+registers these dataclasses with its ConfigStore); the library only sees these.
 
-The dataclass tree mirrors the Hydra config tree, so a validation error names the config key
-a user must fix (``blocks.num``, ``model.size``, ...). Hyperparameters that depend on batch
-size are in samples (warm-up, EMA half-life), so they survive a change of batch size.
+The dataclass tree mirrors the Hydra config tree, so a validation error names the config key a
+user must fix (``blocks.num``, ``model.size``, ...). The defaults here are the only defaults: the
+YAML files under ``configs/`` hold only what an option or experiment changes. Hyperparameters that
+depend on batch size are in samples (warm-up, EMA half-life), so they survive a change of batch size.
+
+``model`` is a group with one option per registered family (``model=dit``, ``model=ar``, ...):
+:func:`model_options` generates each option from the family's network config, every field an
+optional override of the named size (``dblocks/models/sizes.py`` is the only source of its values).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field, fields
+from enum import Enum, StrEnum
 
 import torch
 
-from .models.dit import DiTConfig
+from .errors import ConfigError
+from .levels import Levels, SigmaLevels
+from .models.sizes import sized
 from .noise import PARTITION_KINDS
 
+if typing.TYPE_CHECKING:  # the registry imports the models; the config reads it lazily
+    from .families import Family
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and how to fix it."""
+__all__ = [
+    "Backend",
+    "BlocksConfig",
+    "ConfigError",
+    "DataConfig",
+    "DataSource",
+    "Grid",
+    "MlflowConfig",
+    "ModelConfig",
+    "Partition",
+    "RayConfig",
+    "RedisConfig",
+    "RegistryConfig",
+    "RunConfig",
+    "SampleConfig",
+    "StorageConfig",
+    "TrainConfig",
+    "WorkersConfig",
+    "model_class",
+    "model_config",
+    "model_options",
+    "resolve_device",
+]
+
+Partition = StrEnum("Partition", PARTITION_KINDS)  # equiprob (Sec. 3.2) | uniform_log (ablation)
 
 
-@dataclass(frozen=True)
-class NoiseConfig:
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    sigma_data: float = 0.5
+class Grid(StrEnum):
+    """Inference grid: cdf (DiffusionBlocks, Sec. 3.4), karras (EDM rho=7), auto: cdf if B > 1 else karras."""
 
-    def __post_init__(self) -> None:
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ConfigError(
-                f"noise.sigma_min={self.sigma_min} must be > 0 and below noise.sigma_max={self.sigma_max}"
-            )
-        if self.p_std <= 0:
-            raise ConfigError(f"noise.p_std={self.p_std}: must be > 0")
-        if self.sigma_data <= 0:
-            raise ConfigError(f"noise.sigma_data={self.sigma_data}: must be > 0")
+    auto = "auto"
+    cdf = "cdf"
+    karras = "karras"
+
+
+class DataSource(StrEnum):
+    digits = "digits"  # scikit-learn's load_digits(): 1,797 8x8 images, pixels scaled to [-1, 1]
+    text = "text"  # Shakespeare, character level (dblocks/text.py)
+
+
+class Backend(StrEnum):
+    ray = "ray"  # one actor per block
+    inline = "inline"  # in the coordinator's process, one block after another
 
 
 @dataclass(frozen=True)
 class BlocksConfig:
-    num: int = 3
-    gamma: float = 0.05
-    partition: str = "equiprob"
+    """The block partition (design.md 1.2)."""
+
+    num: int = 3  # B
+    gamma: float = 0.05  # overlap of training ranges, in units of each block's log-width (Sec. 3.3)
+    partition: str = "equiprob"  # a Partition: equiprob (Sec. 3.2) | uniform_log (ablation)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num, int) or self.num < 1:
             raise ConfigError(f"blocks.num={self.num}: must be an integer >= 1")
         if self.gamma < 0:
             raise ConfigError(f"blocks.gamma={self.gamma}: must be >= 0 (0 disables overlap)")
-        if self.partition not in PARTITION_KINDS:
-            raise ConfigError(f"blocks.partition={self.partition!r}: must be one of {', '.join(PARTITION_KINDS)}")
+        _set_enum(self, "blocks.partition", Partition)
 
 
-def _config_fn(family: str):
-    """model.family -> its size registry's config function (each model module needs torch only)."""
-    if family == "dit":
-        from .models.dit import dit_config as fn
-    elif family == "vit":
-        from .models.vit import vit_config as fn
-    elif family == "ar":
-        from .models.ar import ar_config as fn
-    elif family == "mdm":
-        from .models.mdm import mdm_config as fn
-    else:
-        from .models.recurrent import recurrent_config as fn
-    return fn
+def _set_enum(section, key: str, kind: type[StrEnum]) -> None:
+    """Coerce ``section.<name>`` to its enum, naming ``key`` in a one-line error if it is not one of them.
+
+    The schema types these fields as ``str`` (OmegaConf 2.3 has no ``Literal``, and an Enum-typed
+    field fails inside Hydra's override parser with a multi-line message before our check runs)."""
+    name = key.rsplit(".", 1)[1]
+    value = getattr(section, name)
+    if value not in set(kind):
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(kind)}")
+    object.__setattr__(section, name, kind(value))
 
 
-FAMILY_DATA = {"dit": "digits", "vit": "digits", "ar": "text", "mdm": "text", "recurrent": "text"}
-FAMILY_NAMES = tuple(FAMILY_DATA)
-
-
+# ---- model: one option per registered family -----------------------------------------------------
 @dataclass(frozen=True)
 class ModelConfig:
-    """``model.*``: a family, a named size and overrides; a key the family lacks is an error."""
+    """``model.*``: a family, a named size and (in each family's option) per-key overrides."""
 
     family: str = "dit"
-    size: str = "tiny"
-    layers: int | None = None  # None: the size's default total depth L
-    width: int | None = None
-    heads: int | None = None
-    patch: int | None = None  # dit, vit
-    label_dropout: float | None = None  # dit (classifier-free guidance)
-    seq_len: int | None = None  # text families: context length in characters
-    mixed: bool | None = None  # ar: add the plain next-token loss at the lowest-noise block
-    schedule: str | None = None  # mdm: masking schedule alpha(t), linear | cosine
-    prelude: int | None = None  # recurrent: layer counts of prelude / core / coda
-    core: int | None = None
-    coda: int | None = None
-    iterations: int | None = None  # recurrent: K core iterations at inference (and the baseline's unroll)
-    bptt: int | None = None  # recurrent baseline: backprop through the last bptt iterations
+    size: str = "tiny"  # debug | tiny | ... (the family's size registry)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILY_NAMES:
-            raise ConfigError(f"model.family={self.family!r}: choose one of {', '.join(FAMILY_NAMES)}")
+        option = model_class(self.family)
+        if type(self) not in (ModelConfig, option):
+            raise ConfigError(
+                f"model.family={self.family}: these are the settings of another family; select model={self.family}"
+            )
         self.resolved()  # validates size and overrides
 
-    @property
-    def data(self) -> str:
-        """The built-in data source this family trains on (digits or text)."""
-        return FAMILY_DATA[self.family]
-
     def resolved(self):
-        """The family's typed config (DiTConfig, ViTConfig, ...) for this size and overrides."""
-        make = _config_fn(self.family)
+        """The family's typed network config (DiTConfig, ViTConfig, ...) for this size and overrides."""
+        family = _family(self.family)
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("family", "size")}
         try:
-            return make(self.size, **overrides)
-        except ValueError as e:
+            return sized(family.sizes, self.size, family.name, **overrides)
+        except ValueError as e:  # the network config's own checks name their model.* key
             raise ConfigError(str(e)) from None
 
-    def dit(self) -> DiTConfig:
-        if self.family != "dit":
-            raise ConfigError(f"model.family={self.family!r}: this needs the dit family")
-        return self.resolved()
+
+def _option(family: Family) -> type[ModelConfig]:
+    """``model=<family>``: every field of the family's network config as an optional override."""
+    hints = typing.get_type_hints(family.config)
+    settings = [(f.name, hints[f.name] | None, field(default=None)) for f in fields(family.config)]
+    cls = dataclasses.make_dataclass(
+        family.config.__name__.replace("Config", "ModelConfig"),
+        [("family", str, field(default=family.name)), *settings],
+        bases=(ModelConfig,),
+        frozen=True,
+        namespace={"__doc__": f"``model={family.name}``: {family.config.__name__} settings; None = the size's."},
+    )
+    cls.__module__ = __name__  # pickled by reference: see __getattr__ below
+    return cls
 
 
+@functools.cache
+def model_options() -> dict[str, type[ModelConfig]]:
+    """The ``model`` group: family name -> its option class, one per registry entry."""
+    from .families import FAMILIES
+
+    return {name: _option(family) for name, family in FAMILIES.items()}
+
+
+def model_class(family: str) -> type[ModelConfig]:
+    options = model_options()
+    if family not in options:
+        raise ConfigError(f"model.family={family!r}: no such family; choose one of {', '.join(options)}")
+    return options[family]
+
+
+def model_config(d: dict) -> ModelConfig:
+    """A ``model`` section as a plain dict (a manifest, an exported block's meta) -> its family's option."""
+    cls = model_class(d.get("family", ModelConfig.family))
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}={d[unknown[0]]!r}: not a setting of the {cls.family} family; remove it")
+    return cls(**d)
+
+
+def _family(name: str) -> Family:
+    from .families import get_family
+
+    return get_family(name)
+
+
+def __getattr__(name: str):
+    """The generated option classes by name (``dblocks.config.DiTModelConfig``), so pickle finds them."""
+    if name.endswith("ModelConfig"):
+        for cls in model_options().values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- data, training, sampling ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "digits"  # digits (scikit-learn, images) | text (Shakespeare, characters)
+    source: str = "digits"  # a DataSource; must be the family's (Family.data)
     test_size: int = 360  # digits: the fixed held-out images (text: 2% validation + 2% test, fixed)
     split_seed: int = 0
     shards: int = 2  # parquet shards of the train split; work units cycle over them
 
     def __post_init__(self) -> None:
-        if self.source not in DATA_SOURCES:
-            raise ConfigError(f"data.source={self.source!r}: built in are {', '.join(DATA_SOURCES)}")
+        _set_enum(self, "data.source", DataSource)
         if not 0 < self.test_size < 1797:
             raise ConfigError(f"data.test_size={self.test_size}: must be in 1..1796")
-        if not isinstance(self.shards, int) or self.shards < 1:
+        if self.shards < 1:
             raise ConfigError(f"data.shards={self.shards}: must be an integer >= 1")
-
-
-DATA_SOURCES = ("digits", "text")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Per-block optimisation; the end-to-end baseline takes as many steps (matched layer-compute)."""
+
     steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # design.md 1.1: w(sigma) is ~2.5e5 at sigma_min, always clip
     warmup_samples: int = 10_000
     ema_halflife_samples: int = 20_000
     ema_rampup: float = 0.1  # EMA half-life is at most this fraction of the samples seen (EDM)
     loss_weighting: bool = True  # w(sigma) of Eq. 6; false = the unweighted ablation (sigma families)
     unit_steps: int = 50  # optimizer steps per work unit (the unit of dispatch, ack and resume)
     checkpoint_every: int = 500  # steps; rounded up to a whole work unit
-    log_every: int = 100  # steps
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps: resolve_device()
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "unit_steps", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "unit_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
@@ -170,91 +228,103 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip={self.grad_clip}: must be > 0")
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.device != "auto":
-            try:
-                dev = torch.device(self.device)
-            except RuntimeError:
-                raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise ConfigError(f"train.device={self.device!r}: CUDA is not available here; use auto or cpu")
+            _parse_device(self.device)
+
+
+def _parse_device(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` on the machine where the worker runs: ``auto`` is cuda if available, else cpu;
+    a device this machine lacks is a one-line config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _parse_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name!r}: MPS is not available on this machine; use auto or cpu")
+    return device
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    steps: int = 50  # Euler grid points (each is one denoiser call)
+    steps: int = 50  # grid points (each is one denoiser call)
     guidance: float = 1.5  # classifier-free guidance scale; 1 = none
     per_class: int = 50  # class-conditional samples per class for the metrics
-    grid: str = "auto"  # "cdf" (DiffusionBlocks), "karras" (EDM rho=7), "auto": cdf if B > 1 else karras
+    grid: str = "auto"  # a Grid: auto | cdf | karras
 
     def __post_init__(self) -> None:
         if self.steps < 2:
             raise ConfigError(f"sample.steps={self.steps}: must be >= 2")
         if self.per_class < 1:
             raise ConfigError(f"sample.per_class={self.per_class}: must be >= 1")
-        if self.grid not in ("auto", "cdf", "karras"):
-            raise ConfigError(f"sample.grid={self.grid!r}: must be one of auto, cdf, karras")
+        _set_enum(self, "sample.grid", Grid)
 
 
 # ---- the system around the library: plain data here, used by coordinator/ and worker/ ----------
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # None: local Ray (or the cluster when run under `ray job submit`)
+    address: str | None = None  # host:port | ray://host:port | auto; None: local (or `ray job submit`'s cluster)
     num_cpus: int | None = None  # CPUs of the local Ray; None = enough for one actor per block
     num_gpus: int | None = None  # GPUs of the local Ray; None = detected (set it to test placement without GPUs)
-    resources: dict = field(default_factory=dict)  # custom resources of the local Ray, e.g. {"A100": 2}
+    resources: dict = field(default_factory=dict)  # custom resources of the local Ray, e.g. {A100: 2}
 
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str | None = None  # None: an embedded redis-server on a free 127.0.0.1 port
+    url: str | None = None  # None: an embedded redis-server on a free 127.0.0.1 port, data under output_dir/redis
 
 
 @dataclass(frozen=True)
 class MlflowConfig:
-    tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
+    tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db (artifacts in output_dir/mlartifacts)
     experiment: str | None = None  # None: the run's name
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    path: str | None = None  # checkpoints and shards: a local path or a pyarrow.fs URI; None: <output_dir>/storage
+    path: str | None = None  # checkpoints, shards, exported blocks: a path or pyarrow.fs URI; None: output_dir/storage
 
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    backend: str = "ray"  # ray (one actor per block) | inline (in this process, one block after another)
+    backend: str = "ray"  # a Backend: ray | inline
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # 1, fractional (0.5: two blocks share a GPU) or 0 on CPU
-    resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"A100": 1} to pin a GPU type
-    external: tuple[int, ...] = ()  # block indices left to external workers (python -m worker ...)
+    num_gpus: float = 0.0  # per block: 1, fractional (0.5: two blocks share a GPU) or 0 on CPU
+    resources: dict = field(default_factory=dict)  # custom Ray resources per block, e.g. {A100: 1}
+    external: tuple[int, ...] = ()  # block indices left to `python -m worker block=K run=<id> redis.url=...`
     max_restarts: int = 2  # per block: a failed block is restarted from its checkpoint this often
     lease_seconds: float = 30.0  # a worker that misses heartbeats this long loses its block
 
     def __post_init__(self) -> None:
-        if self.backend not in ("ray", "inline"):
-            raise ConfigError(f"workers.backend={self.backend!r}: must be ray or inline")
+        _set_enum(self, "workers.backend", Backend)
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("workers.num_cpus and workers.num_gpus must be >= 0")
         if self.max_restarts < 0:
             raise ConfigError(f"workers.max_restarts={self.max_restarts}: must be >= 0")
-        object.__setattr__(self, "external", tuple(self.external or ()))
-        object.__setattr__(self, "resources", dict(self.resources or {}))
+        object.__setattr__(self, "external", tuple(self.external))
+        object.__setattr__(self, "resources", dict(self.resources))
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    champion_min_accuracy: float = 0.8  # digits families: promote a set to `champion` at this accuracy
-    champion_max_bpc: float = 3.5  # text families: promote at or below this many bits per character
+    champion_threshold: float | None = None  # promote a registered set to `champion` here; None: the family's headline
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "dit-digits"
+    name: str = "dit-digits"  # run / registered model name
     seed: int = 0
-    output_dir: str = "outputs/dit-digits"
-    baseline: bool = False  # also train the end-to-end model of the same depth and compare
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    output_dir: str = "outputs/dit-digits"  # the Hydra config sets outputs/${name}
+    baseline: bool = True  # also train the end-to-end model (B=1, same depth, same steps) and compare
+    noise: SigmaLevels = field(default_factory=SigmaLevels)  # EDM's training density and preconditioning
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: model_config({}))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -267,46 +337,54 @@ class RunConfig:
     resume: str | None = None  # a run id: continue that run (its manifest in Redis) instead of a new one
 
     def __post_init__(self) -> None:
-        m = self.model
-        if m.data != self.data.source:
-            raise ConfigError(f"model.family={m.family} trains on data={m.data}, not data={self.data.source}: "
-                              f"add data={m.data} (or use experiment={m.family}_{m.data})")  # fmt: skip
-        layers = m.resolved().layers
-        if m.family == "recurrent" and self.blocks.num != 1:
-            raise ConfigError(f"blocks.num={self.blocks.num}: the recurrent family trains its core as one block; use blocks.num=1")
-        if m.family == "mdm" and not self.train.loss_weighting:
-            raise ConfigError("train.loss_weighting=false: the mdm family's ELBO weight is not an ablation; keep it true")
-        if self.blocks.num > layers:
-            raise ConfigError(f"blocks.num={self.blocks.num}: more blocks than model.layers={layers}")
-        if layers % self.blocks.num:
+        family = self.family
+        if self.data.source != family.data:
             raise ConfigError(
-                f"blocks.num={self.blocks.num}: must divide model.layers={layers} (blocks have equal depth)"
+                f"model.family={family.name} trains on data={family.data}, not data={self.data.source}: "
+                f"add data={family.data} (or use experiment={family.name}_{family.data})"
             )
+        family.check(self)
+        layers, num = self.model.resolved().layers, self.blocks.num
+        if num > layers:
+            raise ConfigError(f"blocks.num={num}: more blocks than model.layers={layers}")
+        if layers % num:
+            raise ConfigError(f"blocks.num={num}: must divide model.layers={layers} (blocks have equal depth)")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r}: must be a non-empty name without '/'")
         for b in self.workers.external:
-            if not isinstance(b, int) or not 0 <= b < self.blocks.num:
-                raise ConfigError(f"workers.external={list(self.workers.external)}: block {b} is not in 0..{self.blocks.num - 1}")
+            if not 0 <= b < num:
+                raise ConfigError(f"workers.external={list(self.workers.external)}: block {b} is not in 0..{num - 1}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        """Build from a plain nested dict (e.g. ``OmegaConf.to_container(cfg)``); unknown keys fail."""
-        return _build(cls, d, prefix="")
+    @property
+    def family(self) -> Family:
+        """The registered family of ``model.family``."""
+        return _family(self.model.family)
+
+    @property
+    def levels(self) -> Levels:
+        """The noise-level space the family's blocks partition (sigma, or MDM's masking time t)."""
+        return self.family.levels(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dict (enums as strings): JSON-safe, and ``load_run_config`` reads it back."""
+        return dataclasses.asdict(self, dict_factory=_plain)
+
+    def params(self) -> dict:
+        """Flat ``section.key`` parameters for the tracker: ``model.*`` is the chosen family's resolved
+        network config (plus family and size); None values are left out."""
+        d = self.to_dict()
+        d["model"] = {"family": self.model.family, "size": self.model.size}
+        d["model"] |= dataclasses.asdict(self.model.resolved(), dict_factory=_plain)
+        return dict(_flatten(d))
 
 
-def _build(cls, d: dict, prefix: str):
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(known)})")
-    kwargs = {}
-    for name, value in d.items():
-        default = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
-        sub = default() if default is not None else None
-        kwargs[name] = _build(type(sub), value, f"{prefix}{name}.") if dataclasses.is_dataclass(sub) else value
-    return cls(**kwargs)
+def _plain(items: list[tuple[str, object]]) -> dict:
+    return {k: v.value if isinstance(v, Enum) else v for k, v in items}
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif v is not None:
+            yield f"{prefix}{k}", v

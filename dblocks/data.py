@@ -2,8 +2,9 @@
 
 Digits: scikit-learn's ``load_digits()`` (1,797 8x8 grey images, 16 levels, 10 classes), shipped
 inside the package, never downloaded. Pixels v in {0..16} are scaled to ``v/8 - 1`` in [-1, 1],
-the range EDM's sigma_data = 0.5 assumes (measured: mean -0.39, std 0.75 on the train split). The train/test split is a fixed permutation (seed
-``split_seed``, default 0), independent of the run seed.
+the range EDM's sigma_data = 0.5 assumes (measured: mean -0.39, std 0.75 on the train split).
+The train/test split is a fixed permutation (seed ``split_seed``, default 0), independent of the
+run seed.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .levels import SigmaLevels
 from .loss import weighted_l2
-from .noise import sample_sigmas
 from .seeds import seeded
 
 
@@ -43,24 +43,23 @@ def heldout_loss(
     labels: torch.Tensor,
     sigma_lo: float,
     sigma_hi: float,
+    levels: SigmaLevels,
     *,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    sigma_data: float = 0.5,
     seed: int = 1234,
     repeats: int = 4,
 ) -> float:
-    """Mean Eq. 6 loss of ``denoiser(z, sigma, labels=...)`` on held-out data, sigma ~ p on [lo, hi].
+    """Mean Eq. 6 loss of ``denoiser(z, sigma, labels=...)`` on held-out data, sigma ~ p on [lo, hi]
+    (``levels``: the training density and sigma_data).
 
     The same seed gives the same (sigma, eps) draws to every model compared.
     """
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(repeats):
-        sigma = sample_sigmas(len(images), sigma_lo, sigma_hi, p_mean=p_mean, p_std=p_std, generator=g)
+        sigma = levels.sample(len(images), sigma_lo, sigma_hi, g)
         sigma, eps = sigma.to(images.device), torch.randn(images.shape, generator=g).to(images.device)
         z = images + sigma.reshape(-1, 1, 1, 1) * eps
-        total += weighted_l2(denoiser(z, sigma, labels=labels), images, sigma, sigma_data).mean().item()
+        total += weighted_l2(denoiser(z, sigma, labels=labels), images, sigma, levels.sigma_data).mean().item()
     return total / repeats
 
 

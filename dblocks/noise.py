@@ -27,9 +27,7 @@ PARTITION_KINDS = ("equiprob", "uniform_log")
 
 def _check_range(sigma_min: float, sigma_max: float, p_std: float = 1.0) -> None:
     if not 0.0 < sigma_min < sigma_max:
-        raise ValueError(
-            f"noise.sigma_min={sigma_min} and noise.sigma_max={sigma_max}: need 0 < sigma_min < sigma_max"
-        )
+        raise ValueError(f"noise.sigma_min={sigma_min} and noise.sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
     if p_std <= 0.0:
         raise ValueError(f"noise.p_std={p_std}: must be > 0")
 
@@ -45,7 +43,12 @@ def lognormal_icdf(q: float, *, p_mean: float = P_MEAN, p_std: float = P_STD) ->
 
 
 def truncated_quantile(
-    f: float, *, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, p_mean: float = P_MEAN, p_std: float = P_STD
+    f: float,
+    *,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    p_mean: float = P_MEAN,
+    p_std: float = P_STD,
 ) -> float:
     """The sigma below which a fraction f of the truncated log-normal's mass lies.
 

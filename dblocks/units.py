@@ -78,4 +78,6 @@ def apply_unit(trainer: BlockTrainer, unit: WorkUnit, rows: tuple[torch.Tensor, 
     ((images, labels) or (tokens,)). Returns each step's metrics."""
     trainer.generator.manual_seed(unit.seed)  # the unit, not the history, fixes its sigma and noise
     device = next(trainer.net.parameters()).device
-    return [trainer.step(tuple(c[idx].to(device) for c in rows)) for idx in unit_batches(unit, trainer.train.batch_size)]
+    return [
+        trainer.step(tuple(c[idx].to(device) for c in rows)) for idx in unit_batches(unit, trainer.train.batch_size)
+    ]

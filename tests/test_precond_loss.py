@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dblocks import denoise, edm_scalings, loss_weight, weighted_ce, weighted_l2
+from dblocks import denoise, edm_readout, edm_scalings, loss_weight, weighted_ce, weighted_l2
 from helpers import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 SD = SIGMA_DATA
@@ -148,3 +148,17 @@ def test_weighted_ce_token_sequences_average_tokens_per_sample():
         w = (s**2 + SD**2) / (s * SD) ** 2
         ce = F.cross_entropy(logits[i], labels[i], reduction="mean").item()
         assert out[i].item() == pytest.approx(w * ce, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (6, 5, 16)])
+def test_edm_readout_is_c_out_h_plus_c_skip_z_per_sample(shape):
+    """The discrete-target recombination before the classifier (EDM Table 1): per-sample scalars
+    broadcast over every trailing axis, in z's dtype."""
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([SIGMA_MIN, 0.05, 0.3, 0.5, 4.0, SIGMA_MAX], dtype=torch.float64)
+    h, z = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    out = edm_readout(h, z, sigma, SD)
+    assert out.shape == shape and out.dtype == torch.float32
+    s = sigma.reshape(-1, *([1] * (len(shape) - 1)))
+    expected = s * SD / (s**2 + SD**2).sqrt() * h.double() + SD**2 / (s**2 + SD**2) * z.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)

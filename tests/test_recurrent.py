@@ -15,19 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dblocks.config import NoiseConfig, TrainConfig
+from dblocks.config import TrainConfig
 from dblocks.embedding import fixed_embedding
+from dblocks.families.recurrent import (
+    evaluate_recurrent,
+    first_call_logits,
+    predict_recurrent,
+    recurrent_baseline_loss,
+    recurrent_loss,
+)
+from dblocks.levels import SigmaLevels
 from dblocks.models.recurrent import (
     RECURRENT_SIZES,
     RecurrentBaseline,
     RecurrentBlock,
     build_recurrent,
-    evaluate_recurrent,
-    first_call_logits,
-    predict_recurrent,
-    recurrent_baseline_loss,
     recurrent_config,
-    recurrent_loss,
 )
 from dblocks.plan import make_plan
 from dblocks.seeds import seeded
@@ -35,13 +38,14 @@ from dblocks.text import VOCAB_SIZE, TextSplit, encode, windows
 from dblocks.trainer import BlockTrainer
 from helpers import P_MEAN, P_STD, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
+LEVELS = SigmaLevels(SIGMA_MIN, SIGMA_MAX, P_MEAN, P_STD, SIGMA_DATA)
 CFG = recurrent_config("debug")
 SIGMAS = torch.tensor([0.002, 0.02, 0.3, 1.0, 80.0])
 
 
 def _build(cfg=CFG, *, baseline=False, seed=0, init=0):
     with seeded(init):
-        return build_recurrent(cfg, make_plan(1, cfg.layers)[0], baseline=baseline, seed=seed)
+        return build_recurrent(cfg, make_plan(LEVELS, 1, cfg.layers)[0], baseline=baseline, seed=seed)
 
 
 def _randomized(net, seed=0, std=0.15):
@@ -77,19 +81,24 @@ def test_sizes_overrides_and_validation():
     assert t.vocab_size == 84 and (t.prelude, t.core, t.coda) == (1, 2, 1) and t.layers == 4
     c = recurrent_config("tiny", prelude=2, core=3, coda=0, iterations=16, bptt=4, layers=None)
     assert c.layers == 5 and (c.iterations, c.bptt) == (16, 4)
-    for bad, key in [({"bptt": 9}, "model.bptt"), ({"heads": 3}, "model.heads"), ({"core": 0}, "model.core"),
-                     ({"iterations": 1, "bptt": 1}, "model.iterations"), ({"layers": 4}, "model.layers"),
-                     ({"patch": 2}, "model.patch")]:  # fmt: skip
+    for bad, key in [
+        ({"bptt": 9}, "model.bptt"),
+        ({"heads": 3}, "model.heads"),
+        ({"core": 0}, "model.core"),
+        ({"iterations": 1, "bptt": 1}, "model.iterations"),
+        ({"layers": 4}, "model.layers"),
+        ({"patch": 2}, "model.patch"),
+    ]:
         with pytest.raises(ValueError, match=key):
             recurrent_config("tiny", **bad)
 
 
 def test_build_is_one_block_of_all_layers():
-    plan3 = make_plan(3, 3)
+    plan3 = make_plan(LEVELS, 3, 3)
     with pytest.raises(ValueError, match="blocks.num=3"):
         build_recurrent(replace(CFG, prelude=1, core=1, coda=1), plan3[0], seed=0)
     with pytest.raises(ValueError, match="layers"):
-        build_recurrent(CFG, make_plan(1, 6)[0], seed=0)
+        build_recurrent(CFG, make_plan(LEVELS, 1, 6)[0], seed=0)
     assert isinstance(_build(), RecurrentBlock) and isinstance(_build(baseline=True), RecurrentBaseline)
 
 
@@ -206,7 +215,7 @@ def test_baseline_loss_at_init_is_ln_vocab():
 def test_inference_runs_the_prelude_once_and_the_core_k_times(baseline, iterations):
     net = _build(baseline=baseline)
     calls = {name: _record(getattr(net, name)) for name in ("prelude", "core", "coda")}
-    logits = predict_recurrent(net, _tokens()[:, :-1], iterations=iterations, seed=0)
+    logits = predict_recurrent(net, _tokens()[:, :-1], LEVELS, iterations=iterations, seed=0)
     k = iterations or CFG.iterations
     assert logits.shape == (5, CFG.seq_len, VOCAB_SIZE)
     assert {n: len(v) for n, v in calls.items()} == {"prelude": 1, "core": k, "coda": 1 if baseline else k}
@@ -226,13 +235,14 @@ def test_inference_is_euler_on_the_cdf_grid_by_hand():
         z = SIGMA_MAX * torch.randn(*x.shape, CFG.width, generator=torch.Generator().manual_seed(9))
         for j, s in enumerate(grid):
             logits = net(z, torch.full((5,), s, dtype=torch.float64), e)
-            first = logits if j == 0 else first
+            if j == 0:
+                first = logits
             if j + 1 < k:
                 z = z + (grid[j + 1] - s) * (z - logits.softmax(-1) @ table) / s
-    got = predict_recurrent(net, x, iterations=k, seed=9)
+    got = predict_recurrent(net, x, LEVELS, iterations=k, seed=9)
     torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(first_call_logits(net, x, seed=9), first, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(got, predict_recurrent(net, x, iterations=k, seed=10))
+    torch.testing.assert_close(first_call_logits(net, x, LEVELS, seed=9), first, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, predict_recurrent(net, x, LEVELS, iterations=k, seed=10))
 
 
 # ---- causality ------------------------------------------------------------------------------------
@@ -263,13 +273,15 @@ def test_position_i_sees_clean_tokens_and_noisy_targets_at_positions_up_to_i_onl
 def test_inference_is_causal(baseline):
     net = _randomized(_build(baseline=baseline))
     x = _tokens(3)[:, :-1]
-    base = predict_recurrent(net, x, seed=1)
+    base = predict_recurrent(net, x, LEVELS, seed=1)
     i = 7
     x2 = x.clone()
     x2[:, i + 1 :] = (x2[:, i + 1 :] + 5) % VOCAB_SIZE
-    torch.testing.assert_close(predict_recurrent(net, x2, seed=1)[:, : i + 1], base[:, : i + 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        predict_recurrent(net, x2, LEVELS, seed=1)[:, : i + 1], base[:, : i + 1], rtol=0, atol=1e-5
+    )
     x2[:, i] = (x2[:, i] + 5) % VOCAB_SIZE
-    assert not torch.allclose(predict_recurrent(net, x2, seed=1)[:, i], base[:, i])
+    assert not torch.allclose(predict_recurrent(net, x2, LEVELS, seed=1)[:, i], base[:, i])
 
 
 # ---- training and evaluation ------------------------------------------------------------------------
@@ -284,7 +296,7 @@ def _split(cfg):
 def test_short_training_lowers_both_losses_and_evaluates():
     cfg = replace(CFG, iterations=4, bptt=2)
     split = _split(cfg)
-    spec = make_plan(1, cfg.layers)[0]
+    spec = make_plan(LEVELS, 1, cfg.layers)[0]
     train = TrainConfig(lr=3e-3, warmup_samples=1, batch_size=16)
     probe = torch.tensor([0.05, 0.3, 1.0, 3.0] * 4)
     results = {}
@@ -298,17 +310,19 @@ def test_short_training_lowers_both_losses_and_evaluates():
             return (loss if baseline else loss / _w(probe).float()).mean().item()
 
         before = held_out()
-        trainer = BlockTrainer(net, spec, loss_fn, train, NoiseConfig(), seed=0)
+        trainer = BlockTrainer(net, spec, loss_fn, train, LEVELS, seed=0)
         g = torch.Generator().manual_seed(1)
         for _ in range(40):
             trainer.step((split.train[torch.randint(0, len(split.train), (16,), generator=g)],))
         after = held_out()
         assert before == pytest.approx(math.log(VOCAB_SIZE), rel=1e-4)
         assert after < 0.5 * before, (baseline, before, after)
-        plan = make_plan(1, cfg.layers, gamma=0.0)
-        results[baseline] = evaluate_recurrent([net], plan, split, baseline=baseline, windows=16, sample_chars=12)
+        plan = make_plan(LEVELS, 1, cfg.layers, gamma=0.0)
+        results[baseline] = evaluate_recurrent(
+            [net], plan, split, LEVELS, baseline=baseline, windows=16, sample_chars=12
+        )
         with pytest.raises(ValueError, match="baseline"):
-            evaluate_recurrent([net], plan, split, baseline=not baseline, windows=4, sample_chars=1)
+            evaluate_recurrent([net], plan, split, LEVELS, baseline=not baseline, windows=4, sample_chars=1)
     assert "val_loss_first_call" in results[False] and "val_loss_first_call" not in results[True]
     for m in results.values():
         assert math.isfinite(m["val_loss"]) and m["val_bpc"] == pytest.approx(m["val_loss"] / math.log(2))

@@ -10,6 +10,7 @@ import torch
 from dblocks import (
     BlockRouter,
     DiTBlock,
+    SigmaLevels,
     classifier_free_guidance,
     denoise,
     euler_step,
@@ -22,6 +23,8 @@ from dblocks import (
     seeded,
 )
 from helpers import SIGMA_MAX
+
+LEVELS = SigmaLevels()
 
 
 # ---- 6. Euler step with an oracle denoiser ------------------------------------------------------
@@ -123,7 +126,9 @@ def test_block_usage_is_17_16_17_for_50_steps_at_b3():
     sample_euler(router, SIGMA_MAX * torch.randn(2, 1, 8, 8), inference_sigmas(50))
     assert dict(router.calls) == {0: 17, 1: 16, 2: 17}  # design.md 1.4
     # Each block was only asked about sigmas in its own (un-widened) range.
-    for b, (lo, hi) in enumerate([(boundaries[2], boundaries[3]), (boundaries[1], boundaries[2]), (boundaries[0], boundaries[1])]):
+    for b, (lo, hi) in enumerate(
+        [(boundaries[2], boundaries[3]), (boundaries[1], boundaries[2]), (boundaries[0], boundaries[1])]
+    ):
         assert seen[b] and all(lo * (1 - 1e-6) <= s <= hi * (1 + 1e-6) for s in seen[b])
 
 
@@ -201,7 +206,7 @@ def test_cfg_is_uncond_plus_scale_times_difference(scale):
 
 def test_chained_dit_blocks_with_guidance_sample_end_to_end(debug_cfg):
     """Real debug-size DiT blocks, chained by the router under CFG: one call per block per grid point."""
-    plan = make_plan(3, debug_cfg.layers, gamma=0.05)
+    plan = make_plan(LEVELS, 3, debug_cfg.layers, gamma=0.05)
     nets = []
     for spec in plan:
         with seeded(100 + spec.index):

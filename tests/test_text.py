@@ -9,8 +9,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dblocks.config import ConfigError, RunConfig
-from dblocks.text import CHUNK, VOCAB, VOCAB_SIZE, TextError, decode, encode, load_corpus, load_text_split, split_chunks, windows
+from dblocks.config import ConfigError
+from dblocks.text import (
+    CHUNK,
+    VOCAB,
+    VOCAB_SIZE,
+    TextError,
+    decode,
+    encode,
+    load_corpus,
+    load_text_split,
+    split_chunks,
+    windows,
+)
+from worker.config import load_run_config
 from worker.shards import ShardError, read_shard, read_text_shard, write_text_shards
 from worker.storage import Storage
 
@@ -91,6 +103,6 @@ def test_text_shards_round_trip_and_bad_rows_are_named(tmp_path, split):
 
 def test_a_family_needs_its_data_source():
     with pytest.raises(ConfigError, match="model.family=ar trains on data=text, not data=digits: add data=text"):
-        RunConfig.from_dict({"model": {"family": "ar"}})
+        load_run_config({"model": {"family": "ar"}})
     with pytest.raises(ConfigError, match="model.family=dit trains on data=digits"):
-        RunConfig.from_dict({"data": {"source": "text"}})
+        load_run_config({"data": {"source": "text"}})

@@ -13,7 +13,6 @@ from dblocks import (
     BatchStream,
     BlockTrainer,
     DiTBlock,
-    NoiseConfig,
     TrainConfig,
     block_seed,
     dit_loss,
@@ -22,9 +21,11 @@ from dblocks import (
     save_checkpoint,
     seeded,
 )
+from dblocks.levels import SigmaLevels
 from helpers import binomial_tol, interval_mass
 
 SEED = 42
+LEVELS = SigmaLevels()
 NUM_EXAMPLES = 64
 
 
@@ -44,7 +45,7 @@ def _dataset():
 def _build(cfg, spec, train_cfg=None, loss_fn=dit_loss, seed=SEED) -> BlockTrainer:
     with seeded(block_seed(seed, spec.index, "init")):
         net = DiTBlock(cfg, spec.num_layers)
-    return BlockTrainer(net, spec, loss_fn, train_cfg or _train_cfg(), NoiseConfig(), seed)
+    return BlockTrainer(net, spec, loss_fn, train_cfg or _train_cfg(), LEVELS, seed)
 
 
 def _batch(data, stream: BatchStream, step: int):
@@ -73,7 +74,7 @@ def _assert_state_equal(a: BlockTrainer, b: BlockTrainer) -> None:
 # ---- 9. gradient isolation ----------------------------------------------------------------------
 @pytest.mark.parametrize("trained", [0, 1, 2])
 def test_one_block_step_leaves_every_other_block_untouched(debug_cfg, trained):
-    plan = make_plan(3, debug_cfg.layers)
+    plan = make_plan(LEVELS, 3, debug_cfg.layers)
     trainers = [_build(debug_cfg, spec) for spec in plan]
     nets = [t.net for t in trainers]
     # No parameter object or storage is shared between blocks (design.md 2.1).
@@ -99,7 +100,7 @@ def test_one_block_step_leaves_every_other_block_untouched(debug_cfg, trained):
 
 
 def test_trainer_holds_only_its_block_parameters(debug_cfg):
-    spec = make_plan(3, debug_cfg.layers)[1]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[1]
     t = _build(debug_cfg, spec)
     assert len(t.net.layers) == debug_cfg.layers // 3
     opt_params = [p for g in t.opt.param_groups for p in g["params"]]
@@ -112,12 +113,12 @@ def test_trainer_holds_only_its_block_parameters(debug_cfg):
 def test_training_sigmas_come_from_the_widened_range(debug_cfg):
     """Overlap applies to training: sigmas fill the gamma-widened range, with the closed-form share
     of draws outside the routing range."""
-    spec = make_plan(3, debug_cfg.layers, gamma=0.1)[1]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers, gamma=0.1)[1]
     drawn = []
 
-    def recording_loss(net, batch, sigma, generator, sigma_data):
+    def recording_loss(net, batch, sigma, generator):
         drawn.append(sigma.clone())
-        return dit_loss(net, batch, sigma, generator, sigma_data)
+        return dit_loss(net, batch, sigma, generator)
 
     t = _build(debug_cfg, spec, _train_cfg(batch_size=512), loss_fn=recording_loss)
     n_img = 512
@@ -136,7 +137,7 @@ def test_training_sigmas_come_from_the_widened_range(debug_cfg):
 
 @pytest.mark.parametrize("grad_clip", [1e-3, 1e9])
 def test_gradients_are_clipped_to_the_configured_norm(debug_cfg, image_batch, grad_clip):
-    spec = make_plan(3, debug_cfg.layers)[2]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[2]
     t = _build(debug_cfg, spec, _train_cfg(grad_clip=grad_clip))
     for _ in range(2):
         out = t.step(image_batch)
@@ -146,7 +147,7 @@ def test_gradients_are_clipped_to_the_configured_norm(debug_cfg, image_batch, gr
 
 
 def test_learning_rate_warms_up_linearly_then_stays_constant(debug_cfg):
-    spec = make_plan(3, debug_cfg.layers)[0]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[0]
     t = _build(debug_cfg, spec, _train_cfg(lr=2e-3, warmup_samples=1000))
     assert 0 < t.lr_at(0) <= 2e-3 / 1000 * 2
     for s1, s2 in [(0, 100), (100, 500), (250, 998)]:
@@ -157,7 +158,7 @@ def test_learning_rate_warms_up_linearly_then_stays_constant(debug_cfg):
 
 
 def test_ema_half_life_in_samples(debug_cfg, image_batch):
-    spec = make_plan(3, debug_cfg.layers)[0]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[0]
     t = _build(debug_cfg, spec, _train_cfg(ema_halflife_samples=20_000, ema_rampup=0.1))
     t.samples = 10**7  # ramp-up inactive: half-life = 20,000 samples
     for n in (8, 128, 1000):
@@ -201,7 +202,7 @@ def test_seeded_restores_the_global_rng():
 @pytest.mark.parametrize("block", [0, 2])
 def test_resume_from_checkpoint_is_bit_exact(debug_cfg, tmp_path, block):
     k, m = 3, 3
-    spec = make_plan(3, debug_cfg.layers)[block]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[block]
     data, stream = _dataset(), BatchStream(NUM_EXAMPLES, 8, SEED)
 
     straight = _build(debug_cfg, spec)
@@ -227,7 +228,7 @@ def test_resume_from_checkpoint_is_bit_exact(debug_cfg, tmp_path, block):
 
 
 def test_resume_restores_a_differently_initialised_trainer(debug_cfg, tmp_path, image_batch):
-    spec = make_plan(3, debug_cfg.layers)[1]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[1]
     a = _build(debug_cfg, spec)
     for _ in range(2):
         a.step(image_batch)
@@ -240,7 +241,7 @@ def test_resume_restores_a_differently_initialised_trainer(debug_cfg, tmp_path, 
 
 
 def test_loading_another_blocks_checkpoint_fails(debug_cfg, image_batch):
-    plan = make_plan(3, debug_cfg.layers)
+    plan = make_plan(LEVELS, 3, debug_cfg.layers)
     a = _build(debug_cfg, plan[0])
     a.step(image_batch)
     with pytest.raises(ValueError, match="block"):
@@ -249,7 +250,7 @@ def test_loading_another_blocks_checkpoint_fails(debug_cfg, image_batch):
 
 # ---- checkpoints ----------------------------------------------------------------------------
 def test_checkpoint_is_plain_safetensors(debug_cfg, tmp_path, image_batch):
-    spec = make_plan(3, debug_cfg.layers)[0]
+    spec = make_plan(LEVELS, 3, debug_cfg.layers)[0]
     t = _build(debug_cfg, spec)
     t.step(image_batch)
     tensors, meta = t.state_dict()

@@ -9,12 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dblocks.config import RunConfig
-from dblocks.build import make_trainer, plan_for
+from dblocks.build import make_trainer, model_plans
 from dblocks.data import load_digits_split
 from dblocks.units import Shard, apply_unit, make_units, unit_batches
+from worker.config import load_run_config
+from worker.record import JobId
 from worker.shards import ShardError, read_image_shard, write_image_shards
 from worker.storage import Storage, StorageError
+from worker.store import MemoryStore
 
 
 def test_units_cover_exactly_the_steps_and_cycle_over_every_shard():
@@ -56,8 +58,10 @@ def _trainer(cfg, spec):
 def test_applying_a_unit_depends_only_on_the_state_before_it_and_the_unit():
     """What makes re-application after a crash exact: same start state + same unit = same result,
     whatever the trainer's generator did before."""
-    cfg = RunConfig.from_dict({"model": {"size": "debug"}, "blocks": {"num": 2}, "train": {"batch_size": 16, "device": "cpu"}})
-    spec = plan_for(cfg, 2)[1]
+    cfg = load_run_config(
+        {"model": {"size": "debug"}, "blocks": {"num": 2}, "train": {"batch_size": 16, "device": "cpu"}}
+    )
+    spec = model_plans(cfg)["blocks"][1]
     data = load_digits_split()
     units = make_units(6, 3, [Shard("s", 200)], seed=0, block=1)
     x, y = data.train_x[:200], data.train_y[:200]
@@ -112,7 +116,11 @@ def test_bad_rows_fail_with_the_shard_and_the_row(tmp_path, digits):
     meta = table.schema.metadata
     labels = table.column("label").to_pylist()
     labels[7] = 12
-    _write(st, "bad-label.parquet", table.set_column(1, "label", pa.array(labels, pa.int64())).replace_schema_metadata(meta))
+    _write(
+        st,
+        "bad-label.parquet",
+        table.set_column(1, "label", pa.array(labels, pa.int64())).replace_schema_metadata(meta),
+    )
     with pytest.raises(ShardError, match=r"bad-label.parquet row 7: label 12 not in 0..9"):
         read_image_shard(st, "bad-label.parquet")
     pixels = table.column("pixels").to_pylist()
@@ -127,3 +135,98 @@ def test_bad_rows_fail_with_the_shard_and_the_row(tmp_path, digits):
     st.write_bytes("junk.parquet", b"not parquet")
     with pytest.raises(ShardError, match="junk.parquet: not a readable parquet file"):
         read_image_shard(st, "junk.parquet")
+
+
+class CrashingStore(MemoryStore):
+    """A MemoryStore that kills its worker once: when unit ``deliver`` is handed out, or at its first ``ack``."""
+
+    def __init__(self, deliver: int | None = None, ack: bool = False):
+        super().__init__()
+        self.deliver, self.crash_on_ack = deliver, ack
+
+    def next_units(self, run, job, consumer, count=1, block_ms=1000):
+        got = super().next_units(run, job, consumer, count, block_ms)
+        if got and got[0][1].seq == self.deliver:
+            self.deliver = None
+            raise RuntimeError("worker killed")
+        return got
+
+    def ack(self, run, job, ids):
+        if self.crash_on_ack:
+            self.crash_on_ack = False
+            raise RuntimeError("worker killed")
+        super().ack(run, job, ids)
+
+
+def _train_block(tmp_path, store: MemoryStore) -> tuple[dict, dict, dict]:
+    """Block 1 of a 2-block debug DiT run (4 units of 10 steps, a checkpoint every 20 steps) trained
+    by BlockWorkers on ``store``, a fresh worker after each crash; (export, checkpoint, progress)."""
+    from coordinator.run import new_run
+    from coordinator.tracking import NullTracker
+    from dblocks.checkpoint import load_checkpoint
+    from worker.block_worker import BlockWorker, checkpoint_rel, export_rel
+
+    train = {"steps": 40, "unit_steps": 10, "checkpoint_every": 20, "batch_size": 16, "threads": 1, "device": "cpu"}
+    cfg = load_run_config(
+        {
+            "output_dir": str(tmp_path),
+            "baseline": False,
+            "blocks": {"num": 2},
+            "model": {"size": "debug"},
+            "train": train,
+        }
+    )
+    storage = Storage(str(tmp_path / "storage"))
+    run = new_run(cfg, store, NullTracker(), storage).run_id
+    job = JobId("blocks", 1)
+    for attempt in range(3):
+        try:
+            BlockWorker(store, run, job, consumer=f"w{attempt}").run()
+            break
+        except RuntimeError as e:
+            assert str(e) == "worker killed" and store.progress(run, job)["state"] == "failed"
+    export = load_checkpoint(storage.get_file(export_rel(run, job), tmp_path / "export"))
+    ckpt = load_checkpoint(storage.get_file(checkpoint_rel(run, job), tmp_path / "ckpt"))
+    return export, ckpt, store.progress(run, job)
+
+
+@pytest.mark.parametrize("crash", [{"deliver": 3}, {"ack": True}], ids=["unit-3-delivered", "before-first-ack"])
+def test_a_worker_killed_mid_block_resumes_bit_exactly(tmp_path, crash):
+    """Killed with unit 2 applied past its checkpoint (unit 2 is applied again), or between the
+    checkpoint and its ack (units 0, 1 are skipped): the next worker's block equals an
+    uninterrupted one's, weights, optimizer state and generator included."""
+    (straight, meta), (ckpt, ckpt_meta), p = _train_block(tmp_path / "straight", MemoryStore())
+    assert p["units_applied"] == "4" and p["consumer"] == "w0" and ckpt_meta["units"] == [0, 1, 2, 3]
+    (resumed, rmeta), (rckpt, rckpt_meta), rp = _train_block(tmp_path / "crash", CrashingStore(**crash))
+    assert rp["state"] == "done" and rp["consumer"] == "w1"
+    # units_applied counts after the ack: unit 2 twice (5), or unit 1's count lost with the ack (3)
+    assert rp["units_applied"] == ("5" if "deliver" in crash else "3")
+    assert rmeta == meta and meta["plan_hash"] and rckpt_meta == ckpt_meta
+    for ours, theirs in ((resumed, straight), (rckpt, ckpt)):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+class CountingStore(MemoryStore):
+    """Counts the bare heartbeats (reports without fields) a worker sends from inside its units."""
+
+    beats = 0
+
+    def report(self, run, job, owner=None, ttl=None, **fields):
+        self.beats += not fields
+        super().report(run, job, owner, ttl, **fields)
+
+
+def test_a_worker_heartbeats_between_steps_when_a_unit_outlasts_a_third_of_its_lease(tmp_path):
+    from coordinator.run import new_run
+    from coordinator.tracking import NullTracker
+    from worker.block_worker import BlockWorker
+
+    train = {"steps": 20, "unit_steps": 20, "batch_size": 16, "threads": 1, "device": "cpu"}
+    d = {"output_dir": str(tmp_path), "baseline": False, "blocks": {"num": 2}, "model": {"size": "debug"}}
+    slow, quick = CountingStore(), CountingStore()
+    for store, lease in ((slow, 3e-4), (quick, 600.0)):  # a third of the lease: shorter / longer than a step
+        cfg = load_run_config({**d, "train": train, "workers": {"lease_seconds": lease}})
+        run = new_run(cfg, store, NullTracker(), Storage(str(tmp_path / "storage"))).run_id
+        BlockWorker(store, run, JobId("blocks", 0), consumer="w").run()
+        assert store.progress(run, JobId("blocks", 0))["state"] == "done"
+    assert slow.beats >= 10 and quick.beats == 0

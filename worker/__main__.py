@@ -1,10 +1,7 @@
-"""``python -m worker``: one block's worker, on any machine (e.g. one small GPU).
-
-    python -m worker block=K run=<run id> redis.url=redis://host:6379/0
-        joins a running job: consumes block K's work units like the coordinator's own actors
-        (the coordinator leaves blocks to external workers with workers.external=[K]).
-    python -m worker block=K experiment=dit_digits
-        trains block K of that experiment alone, in this process, and registers it in MLflow.
+"""``dblocks-worker`` / ``python -m worker block=K run=<run id> redis.url=redis://host:6379/0``: join a
+running job from any machine (e.g. one small GPU) and consume block K's work units like the
+coordinator's own workers (the coordinator leaves blocks to external workers with
+``workers.external=[K]``). To train a block alone from a config, use ``dblocks-run experiment=... only=[K]``.
 """
 
 from __future__ import annotations
@@ -15,57 +12,59 @@ import socket
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dblocks.config import ConfigError
 
+from .config import config_dir, load_command, register
+from .record import JobId
+from .shards import ShardError
+from .storage import StorageError
+from .store import StoreError
 
-@hydra.main(config_path="../configs", config_name="worker", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    d = OmegaConf.to_container(cfg, resolve=True)
-    d.pop("hydra", None)
-    block, run_id = d.pop("block"), d.pop("run")
-    try:
-        if not isinstance(block, int) or block < 0:
-            raise ConfigError(f"block={block}: pass the block index to train, e.g. block=0")
-        if run_id is not None:
-            join(block, run_id, d["redis"]["url"])
-        else:
-            standalone(block, d)
-    except (ConfigError, RuntimeError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+USER_ERRORS = (ConfigError, StoreError, StorageError, ShardError)
 
 
-def join(block: int, run_id: str, redis_url: str | None) -> None:
+def join(block: int, run_id: str, redis_url: str) -> None:
+    """Train block ``block`` of the running job ``run_id`` until its work units are done."""
     from .block_worker import BlockWorker
-    from .state import RunState
+    from .store import open_store
 
-    if not redis_url:
-        raise ConfigError("run=...: also pass redis.url=redis://host:port/0 (the coordinator logs it)")
-    jobs = RunState(redis_url).manifest(run_id)["jobs"]
-    blocks = sorted(int(j.split("/")[1]) for j in jobs if j.startswith("blocks/"))
+    store = open_store(redis_url)
+    blocks = [job.id.index for job in store.manifest(run_id).jobs_of("blocks")]
     if block not in blocks:
-        raise ConfigError(f"block={block}: run {run_id} has blocks {blocks[0]}..{blocks[-1]}")
+        raise ConfigError(f"block={block}: run {run_id} has blocks {min(blocks)}..{max(blocks)}")
     consumer = f"external-{socket.gethostname()}-{os.getpid()}"
-    result = BlockWorker(redis_url, run_id, f"blocks/{block}", consumer).run()
+    result = BlockWorker(store, run_id, JobId("blocks", block), consumer).run()
     print(f"block {block} of run {run_id} done: {result['units']} units, {result['samples']} samples")
 
 
-def standalone(block: int, d: dict) -> None:
-    from coordinator.run import run
-    from dblocks.config import RunConfig
-
-    d["baseline"] = False
-    d.setdefault("workers", {})["backend"] = "inline"
-    cfg = RunConfig.from_dict(d)
-    if block >= cfg.blocks.num:
-        raise ConfigError(f"block={block}: blocks.num={cfg.blocks.num} gives blocks 0..{cfg.blocks.num - 1}")
-    run(cfg, only=[f"blocks/{block}"])
+@hydra.main(config_path=config_dir(), config_name="worker", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    try:
+        run_cfg, args = load_command(cfg)
+        block, run_id = args["block"], args["run"]
+        if block is None or block < 0:
+            raise ConfigError(f"block={block}: pass the block index to train, e.g. block=0")
+        if run_id is None:
+            raise ConfigError(
+                f"run is missing: join a running job with run=<run id> redis.url=...; to train block "
+                f"{block} alone use dblocks-run experiment=... only=[{block}]"
+            )
+        if not run_cfg.redis.url:
+            raise ConfigError(
+                f"redis.url is missing: pass the run store of run {run_id}, e.g. redis.url=redis://host:6379/0 "
+                "(the coordinator logs it)"
+            )
+        join(block, run_id, run_cfg.redis.url)
+    except USER_ERRORS as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
+    register()
     _main()
 
 

@@ -9,7 +9,7 @@ as blocks are registered); workers read it to know what to train.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from dblocks.plan import BlockSpec
@@ -85,7 +85,7 @@ class Manifest:
         return self.jobs[key]
 
     def to_json(self) -> str:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it cannot key a dict by JobId
         d["shards"] = [asdict(s) for s in self.shards]
         d["jobs"] = [j.to_dict() for j in self.jobs.values()]
         d["registered"] = {str(k): v for k, v in self.registered.items()}

@@ -43,8 +43,9 @@ def _name(prefix: str, i: int, num_shards: int) -> str:
     return f"{prefix}/train-{i:05d}-of-{num_shards:05d}.parquet"
 
 
-def write_image_shards(storage: Storage, prefix: str, x: torch.Tensor, y: torch.Tensor, num_shards: int,
-                       num_classes: int) -> list[Shard]:  # fmt: skip
+def write_image_shards(
+    storage: Storage, prefix: str, x: torch.Tensor, y: torch.Tensor, num_shards: int, num_classes: int
+) -> list[Shard]:
     """Split (N, C, H, W) images and labels into ``num_shards`` contiguous parquet shards under
     ``prefix``; shards that already exist are left as they are."""
     n, shape = len(y), tuple(x.shape[1:])
@@ -53,13 +54,16 @@ def write_image_shards(storage: Storage, prefix: str, x: torch.Tensor, y: torch.
     shards = []
     for i, (lo, hi) in enumerate(_bounds(n, num_shards)):
         pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat[lo:hi].reshape(-1)), flat.shape[1])
-        table = pa.table({"pixels": pixels, "label": pa.array(y[lo:hi].numpy(), pa.int64())}).replace_schema_metadata(meta)
+        labels = pa.array(y[lo:hi].numpy(), pa.int64())
+        table = pa.table({"pixels": pixels, "label": labels}).replace_schema_metadata(meta)
         _put(storage, _name(prefix, i, num_shards), table)
         shards.append(Shard(_name(prefix, i, num_shards), hi - lo))
     return shards
 
 
-def write_text_shards(storage: Storage, prefix: str, windows: torch.Tensor, num_shards: int, vocab_size: int) -> list[Shard]:
+def write_text_shards(
+    storage: Storage, prefix: str, windows: torch.Tensor, num_shards: int, vocab_size: int
+) -> list[Shard]:
     """Split (N, seq_len + 1) token windows into ``num_shards`` contiguous parquet shards."""
     n, width = windows.shape
     ids = windows.numpy().astype(np.int32)
@@ -107,7 +111,8 @@ def _text_rows(name: str, table: pa.Table) -> torch.Tensor:
     bad = ((ids < 0) | (ids >= vocab)).any(1)
     if bad.any():
         row = int(np.argmax(bad))
-        raise ShardError(f"{name} row {row}: token id {int(ids[row][(ids[row] < 0) | (ids[row] >= vocab)][0])} not in 0..{vocab - 1}")
+        token = int(ids[row][(ids[row] < 0) | (ids[row] >= vocab)][0])
+        raise ShardError(f"{name} row {row}: token id {token} not in 0..{vocab - 1}")
     return torch.from_numpy(ids)
 
 
@@ -131,7 +136,9 @@ def _image_rows(name: str, table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]
         row = next(i for i in range(len(table)) if not pixels[i].is_valid or not table.column("label")[i].is_valid)
         raise ShardError(f"{name} row {row}: null value")
     if not pa.types.is_fixed_size_list(pixels.type) or pixels.type.list_size != size:
-        raise ShardError(f"{name}: column pixels must be fixed_size_list<float32>[{size}] for shape {shape}, got {pixels.type}")
+        raise ShardError(
+            f"{name}: column pixels must be fixed_size_list<float32>[{size}] for shape {shape}, got {pixels.type}"
+        )
     x = np.asarray(pixels.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), *shape)
     bad = ~np.isfinite(x.reshape(len(table), -1)).all(1) | (np.abs(x.reshape(len(table), -1)) > 1.0 + 1e-6).any(1)
     if bad.any():

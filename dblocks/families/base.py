@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
-from ..levels import Levels
-from ..plan import BlockSpec
+from ..levels import Levels, SigmaLevels
+from ..plan import BlockSpec, make_plan
 
 if TYPE_CHECKING:  # the config imports the registry; the families only read a RunConfig
     from ..config import RunConfig
+
+CHAMPION_MIN_ACCURACY = 0.8  # the digits families' headline threshold (samples' / test accuracy)
 
 # loss(net, batch, level, generator) -> per-sample loss (N,): level is sigma or MDM's t.
 LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator], torch.Tensor]
@@ -27,11 +29,20 @@ LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator], torch.Tenso
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the results table: a label, the results key, a format (``"{:.3f}"``)."""
+    """One row of the results table: a label, the results key, a format (``"{:.3f}"``); ``index``
+    picks one entry of a list-valued result (e.g. the per-range held-out loss)."""
 
     label: str
     key: str
     fmt: str
+    index: int | None = None
+
+    def cell(self, result: dict) -> str:
+        """This row's formatted value in one model's results, ``-`` where it has none."""
+        value = result.get(self.key)
+        if self.index is not None and isinstance(value, (list, tuple)):
+            value = value[self.index]
+        return self.fmt.format(value) if isinstance(value, float) else "-"
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,11 @@ class Family:
     # ---- config --------------------------------------------------------------------------
     def levels(self, run: RunConfig) -> Levels:
         """The noise-level space its blocks partition (default: the run's sigma space ``noise``)."""
-        return run.noise
+        return self.levels_of(run.model.resolved(), run.noise)
+
+    def levels_of(self, cfg, noise: SigmaLevels) -> Levels:
+        """The same from a network config and the ``noise`` section alone (an exported block's meta)."""
+        return noise
 
     def check(self, run: RunConfig) -> None:
         """Cross-field config rules of this family; raise ConfigError with a one-line message."""
@@ -87,6 +102,23 @@ class Family:
         ``rows`` and ``headline``, plus ``samples``/``labels`` (images) or ``sample_text`` (text)."""
         raise NotImplementedError
 
+    def generate(
+        self,
+        nets: Sequence[nn.Module],
+        plan: Sequence[BlockSpec],
+        levels: Levels,
+        labels: torch.Tensor,
+        sample,
+        *,
+        seed: int,
+    ) -> torch.Tensor:
+        """Class-conditional samples of a set (``sample``: the run's SampleConfig); image families only."""
+        raise NotImplementedError(f"the {self.name} family does not generate class-conditional samples")
+
+    def table_rows(self, run: RunConfig) -> list[Row]:
+        """The rows of the run's results table (default: ``rows``)."""
+        return list(self.rows)
+
     def summary(self, run: RunConfig) -> str:
         """What the run's summary line says about inference (e.g. the DiT's guidance); may be empty."""
         return ""
@@ -94,3 +126,14 @@ class Family:
     def passes(self, results: dict, run: RunConfig) -> bool:
         """Whether a trained set earns the registry's ``champion`` alias."""
         return self.headline.passes(results[self.headline.key], run.registry.champion_threshold)
+
+
+def plan_for(run: RunConfig, num_blocks: int) -> list[BlockSpec]:
+    """The run's plan of ``num_blocks`` blocks over its family's noise levels (Sec. 3.2-3.3)."""
+    layers = run.model.resolved().layers
+    return make_plan(run.levels, num_blocks, layers, gamma=run.blocks.gamma, partition=run.blocks.partition)
+
+
+def eval_ranges(run: RunConfig) -> list[tuple[float, float]]:
+    """The ranges of the per-range held-out loss: the DiffusionBlocks plan's, for every model of the run."""
+    return [(s.lo, s.hi) for s in plan_for(run, run.blocks.num)]

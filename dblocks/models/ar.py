@@ -11,7 +11,7 @@ family's label token), and the denoised estimate is ``softmax(logits) @ E`` (Sec
 
 Because noisy tokens never see each other and clean tokens never see noisy ones, the noisy
 stream may be any suffix of positions: all T in training and teacher-forced evaluation, only the
-last one when decoding. Decoding is greedy, B Euler steps per token, one call per block.
+last one when decoding (loss, decoding and evaluation: ``dblocks/families/ar.py``).
 
 The end-to-end baseline (``ARBaseline``) is a plain causal transformer LM of all L layers.
 """
@@ -22,15 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..embedding import expected_embedding, fixed_embedding
-from ..loss import weighted_ce
-from ..noise import P_MEAN, P_STD, SIGMA_MAX, SIGMA_MIN, inference_sigmas, route
-from ..plan import BlockSpec, plan_boundaries
-from ..precond import SIGMA_DATA, edm_scalings
-from ..sampling import BlockRouter, sample_euler
-from ..text import VOCAB_SIZE, TextSplit, decode, encode
+from ..embedding import fixed_embedding
+from ..precond import SIGMA_DATA, edm_readout, edm_scalings
 from .dit import fourier_features
 from .layers import DiTLayer, PreLNLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
@@ -38,7 +32,7 @@ from .sizes import sized
 
 @dataclass(frozen=True)
 class ARConfig:
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int = 84  # the Shakespeare characters (dblocks.text.VOCAB)
     seq_len: int = 64  # context T in characters; a training window holds seq_len + 1 tokens
     width: int = 64
     heads: int = 4
@@ -131,7 +125,7 @@ class ARBlock(nn.Module):
         """
         n, t = x.shape
         m = z.shape[1]
-        c_skip, c_out, c_in, c_noise = (s.to(z.dtype)[:, None, None] for s in edm_scalings(sigma, sigma_data))
+        c_in, c_noise = (s.to(z.dtype)[:, None, None] for s in edm_scalings(sigma, sigma_data)[2:])
         pos = self.pos_embed[:t]
         clean = self.tok_embed(x) + pos  # (N, T, D)
         noisy = self.noisy_in(c_in * z) + pos[t - m :]  # (N, M, D); c_in on the noisy targets only
@@ -140,7 +134,7 @@ class ARBlock(nn.Module):
         mask = ar_attention_mask(t, m, x.device)
         for layer in self.layers:
             h = layer(h, c, mask=mask)
-        u = c_out * h[:, t:] + c_skip * z  # design.md 1.5: c_out h + c_skip z, then final adaLN
+        u = edm_readout(h[:, t:], z, sigma, sigma_data)  # design.md 1.5: c_out h + c_skip z, then final adaLN
         logits = self.head(final_adaln(self.final_norm, self.final_ada, u, c))
         next_logits = self.next_head(self.next_norm(h[:, :t])) if self.next_head is not None else None
         return logits, next_logits
@@ -169,7 +163,7 @@ class ARBaseline(nn.Module):
         return self.head(self.final_norm(h))
 
 
-def build_ar(cfg: ARConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
+def build_ar(cfg: ARConfig, spec, *, baseline: bool, seed: int) -> nn.Module:
     """Block ``spec.index`` (its ``spec.num_layers`` layers), or the baseline LM of ``spec.num_layers``.
 
     The mixed next-token head goes on the lowest-noise block only (index B-1). ``seed`` is the
@@ -179,185 +173,3 @@ def build_ar(cfg: ARConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> nn
         return ARBaseline(cfg, spec.num_layers)
     last = spec.index == spec.num_blocks - 1
     return ARBlock(cfg, spec.num_layers, seed=seed, next_head=cfg.mixed and last)
-
-
-def _split(batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (N, T+1),) -> inputs x = tokens[:, :-1], next-token targets y = tokens[:, 1:]."""
-    (tokens,) = batch
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def next_token_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Plain next-token cross-entropy, averaged over positions: (N, T, K), (N, T) -> (N,)."""
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1)
-
-
-def ar_loss(
-    net: ARBlock, batch: tuple, sigma: torch.Tensor, generator: torch.Generator, sigma_data: float = SIGMA_DATA
-) -> torch.Tensor:
-    """Per-sample Eq. 6: w(sigma) mean_i CE(logits_i, y_i) with z_i = E[y_i] + sigma eps_i (design.md 1.5).
-
-    With the mixed head (lowest-noise block), plus the unweighted plain next-token CE.
-    """
-    x, y = _split(batch)
-    table = net.target_table
-    eps = torch.randn((*y.shape, table.shape[1]), generator=generator, dtype=table.dtype).to(y.device)
-    z = table[y] + sigma.to(table.dtype)[:, None, None] * eps  # (N, T, D)
-    logits, next_logits = net(x, z, sigma, sigma_data)
-    loss = weighted_ce(logits, y, sigma, sigma_data)
-    return loss if next_logits is None else loss + next_token_ce(next_logits, y)
-
-
-def ar_baseline_loss(
-    net: ARBaseline, batch: tuple, sigma: torch.Tensor, generator: torch.Generator, sigma_data: float = SIGMA_DATA
-) -> torch.Tensor:
-    """The baseline's plain next-token CE per sample (ignores sigma and the generator)."""
-    x, y = _split(batch)
-    return next_token_ce(net(x), y)
-
-
-class ARDenoiser:
-    """D(z, sigma, context) = softmax(logits) @ E (Sec. 3.4) for one block; z (N, M, D), context (N, T).
-
-    Keeps the logits (and the mixed head's logits) of its latest call: the final call's logits
-    give the prediction.
-    """
-
-    def __init__(self, net: ARBlock, sigma_data: float = SIGMA_DATA):
-        self.net, self.sigma_data = net.eval(), sigma_data
-        self.last_logits: torch.Tensor | None = None
-        self.last_next_logits: torch.Tensor | None = None
-
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.last_logits, self.last_next_logits = self.net(context, z, sigma, self.sigma_data)
-        return expected_embedding(self.last_logits, self.net.target_table)
-
-
-def ar_denoiser(net: ARBlock, sigma_data: float = SIGMA_DATA) -> ARDenoiser:
-    """The sampler's denoiser callable for a trained block."""
-    return ARDenoiser(net, sigma_data)
-
-
-def _chain_grid(num_blocks: int, sigma_min: float, sigma_max: float, p_mean: float, p_std: float) -> torch.Tensor:
-    """B points equally spaced in the truncated CDF, one in each block's range (B = 1: both ends)."""
-    dist = dict(sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
-    return inference_sigmas(max(num_blocks, 2), **dist)
-
-
-def _chain(
-    denoisers: list[ARDenoiser], plan: list[BlockSpec], context: torch.Tensor, z: torch.Tensor, grid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler chain over the blocks from z ~ N(0, sigma_max^2 I); (logits of the first call, of the final call)."""
-    router = BlockRouter(denoisers, plan_boundaries(plan))
-    owner = lambda s: int(route(s, router.boundaries))  # noqa: E731
-    first: dict[str, torch.Tensor] = {}
-
-    def keep_first(i: int, sigma: float, denoised: torch.Tensor) -> None:
-        if i == 0:
-            first["logits"] = denoisers[owner(sigma)].last_logits
-
-    sample_euler(router, z, grid, extra_args={"context": context}, callback=keep_first)
-    return first["logits"], denoisers[owner(float(grid[-1]))].last_logits
-
-
-def _device(nets: list[nn.Module]) -> torch.device:
-    return next(nets[0].parameters()).device
-
-
-@torch.no_grad()
-def generate_ar(
-    nets: list[nn.Module],
-    plan: list[BlockSpec],
-    prompt: str,
-    num_chars: int,
-    *,
-    baseline: bool,
-    seed: int = 0,
-    sigma_min: float = SIGMA_MIN,
-    sigma_max: float = SIGMA_MAX,
-    p_mean: float = P_MEAN,
-    p_std: float = P_STD,
-    sigma_data: float = SIGMA_DATA,
-) -> str:
-    """Greedy decoding: prompt + ``num_chars`` characters (context cropped to the last seq_len).
-
-    Blocks: per token, z ~ N(0, sigma_max^2 I) (``torch.randn(1, 1, width)`` from one generator
-    seeded with ``seed``), B Euler steps over the blocks (one call each), token = argmax of the
-    final call's logits. Baseline: argmax of the LM's logits.
-    """
-    if not prompt:
-        raise ValueError("generate_ar: the prompt must hold at least one character")
-    for net in nets:
-        net.eval()
-    device, cfg = _device(nets), nets[0].cfg
-    ids = encode(prompt).to(device)
-    g = torch.Generator().manual_seed(seed)
-    denoisers = [ar_denoiser(net, sigma_data) for net in nets] if not baseline else []
-    grid = _chain_grid(len(plan), sigma_min, sigma_max, p_mean, p_std)
-    for _ in range(num_chars):
-        ctx = ids[-cfg.seq_len :][None]  # (1, t)
-        if baseline:
-            logits = nets[0](ctx)[:, -1]
-        else:
-            z = sigma_max * torch.randn(1, 1, cfg.width, generator=g).to(device)
-            logits = _chain(denoisers, plan, ctx, z, grid)[1][:, -1]
-        ids = torch.cat([ids, logits.argmax(-1)])
-    return decode(ids.tolist())
-
-
-@torch.no_grad()
-def evaluate_ar(
-    nets: list[nn.Module],
-    plan: list[BlockSpec],
-    split: TextSplit,
-    *,
-    baseline: bool,
-    seed: int = 0,
-    windows: int = 256,
-    batch_size: int = 64,
-    prompt: str = "ROMEO:\n",
-    sample_chars: int = 200,
-    sigma_min: float = SIGMA_MIN,
-    sigma_max: float = SIGMA_MAX,
-    p_mean: float = P_MEAN,
-    p_std: float = P_STD,
-    sigma_data: float = SIGMA_DATA,
-) -> dict:
-    """Teacher-forced metrics on the first ``windows`` validation windows, all positions in parallel.
-
-    val_ce (nats/char) and val_accuracy from the final call's logits (at sigma_min) after the
-    B-step chain from seeded noise (baseline: the LM's logits); val_ce_sigma_max from block 0's
-    logits at sigma_max; with the mixed head, val_ce_next_head; and sample_text from ``prompt``.
-    """
-    for net in nets:
-        net.eval()
-    device, cfg = _device(nets), nets[0].cfg
-    tokens = split.val[:windows].to(device)
-    x, y = _split((tokens,))
-    g = torch.Generator().manual_seed(seed)
-    mixed = not baseline and nets[-1].next_head is not None
-    z0 = None if baseline else sigma_max * torch.randn(*y.shape, cfg.width, generator=g).to(device)
-    denoisers = [ar_denoiser(net, sigma_data) for net in nets] if not baseline else []
-    grid = _chain_grid(len(plan), sigma_min, sigma_max, p_mean, p_std)
-    sums = {"val_ce": 0.0, "val_accuracy": 0.0}
-    if not baseline:
-        sums["val_ce_sigma_max"] = 0.0
-    if mixed:
-        sums["val_ce_next_head"] = 0.0
-    for a in range(0, len(x), batch_size):
-        xb, yb = x[a : a + batch_size], y[a : a + batch_size]
-        if baseline:
-            final = nets[0](xb)
-        else:
-            first, final = _chain(denoisers, plan, xb, z0[a : a + batch_size], grid)
-            sums["val_ce_sigma_max"] += next_token_ce(first, yb).sum().item()
-            if mixed:  # the last block ran the final call (at sigma_min)
-                sums["val_ce_next_head"] += next_token_ce(denoisers[-1].last_next_logits, yb).sum().item()
-        sums["val_ce"] += next_token_ce(final, yb).sum().item()
-        sums["val_accuracy"] += (final.argmax(-1) == yb).double().mean(1).sum().item()
-    out: dict = {k: v / len(x) for k, v in sums.items()}
-    out["sample_text"] = generate_ar(
-        nets, plan, prompt, sample_chars, baseline=baseline, seed=seed, sigma_min=sigma_min,
-        sigma_max=sigma_max, p_mean=p_mean, p_std=p_std, sigma_data=sigma_data,
-    )  # fmt: skip
-    return out

@@ -18,8 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loss import weighted_l2
-from ..precond import denoise
 from .layers import DiTLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
 
@@ -127,20 +125,3 @@ class DiTBlock(nn.Module):
 def build_dit(cfg: DiTConfig, spec, *, baseline: bool = False, seed: int = 0) -> DiTBlock:
     """A block of ``spec.num_layers`` layers; the end-to-end baseline is the same class with all L."""
     return DiTBlock(cfg, spec.num_layers)
-
-
-def dit_loss(
-    net: DiTBlock,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    sigma: torch.Tensor,
-    generator: torch.Generator,
-    sigma_data: float = 0.5,
-) -> torch.Tensor:
-    """Per-sample Eq. 6 loss for one block: noise the image, drop labels for CFG, weighted L2."""
-    images, labels = batch
-    # Random draws come from the (CPU) generator, then move: the same numbers on any device.
-    eps = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
-    z = images + sigma.reshape(-1, 1, 1, 1) * eps
-    drop = (torch.rand(labels.shape, generator=generator) < net.cfg.label_dropout).to(labels.device)
-    labels = torch.where(drop, torch.full_like(labels, net.null_label), labels)
-    return weighted_l2(denoise(net, z, sigma, labels, sigma_data=sigma_data), images, sigma, sigma_data)

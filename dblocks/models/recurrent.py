@@ -2,43 +2,31 @@
 
 Geiping et al. split a causal LM into a prelude P, a recurrent core R and a coda C:
 ``e = P(x)``, ``s_0 ~ N(0, init_std^2 I)``, ``s_k = R(e, s_{k-1})`` for k = 1..K, ``logits = C(s_K)``,
-trained with truncated backprop through time (only the last ``bptt`` iterations carry gradient).
-That is the end-to-end baseline here (:class:`RecurrentBaseline`, :func:`recurrent_baseline_loss`).
+trained with truncated backprop through time: the end-to-end baseline (:class:`RecurrentBaseline`).
 
 DiffusionBlocks replaces the recurrence by denoising (:class:`RecurrentBlock`): the core is one
 sigma-conditioned denoiser of the NEXT token's fixed embedding, trained in a single pass at a random
-sigma from the whole truncated log-normal (Eq. 6; no unrolling, no backprop through time):
+sigma (Eq. 6; no unrolling) and run as K Euler steps at inference (``dblocks/families/recurrent.py``):
 
     z_i = E[y_i] + sigma eps_i                            (y_i = x_{i+1}, E the fixed table)
     h   = core(e + c_in z, c(sigma))                      (c = the block's own sigma embedder)
     logits = coda(c_out h + c_skip z, c(sigma))           loss = w(sigma) CE(logits, y)
 
-Inference keeps the K-iteration loop as K Euler steps on the CDF grid (:func:`predict_recurrent`):
-the prelude runs once, each step calls core + coda once, D = softmax(logits) @ E.
-
 What position i sees (every attention is causal): the clean tokens x_0..x_i (through e), and
 z_0..z_i. z_i is the noisy target itself; z_j (j < i) is a noisy copy of y_j = x_{j+1}, a clean
 token <= i that position i already sees, so nothing of x_{>i} or z_{>i} reaches position i.
-At inference z_j is the sampler's state at position j, itself a function of x_<=j and the noise.
-The family always runs as one block (B = 1): its one plan entry covers [sigma_min, sigma_max].
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..embedding import expected_embedding, fixed_embedding
-from ..loss import weighted_ce
-from ..noise import P_MEAN, P_STD, SIGMA_MAX, SIGMA_MIN, inference_sigmas
-from ..plan import BlockSpec
-from ..precond import SIGMA_DATA, edm_scalings
-from ..sampling import sample_euler
-from ..text import VOCAB_SIZE, TextSplit, decode, encode
+from ..embedding import fixed_embedding
+from ..precond import SIGMA_DATA, edm_readout, edm_scalings
 from .dit import fourier_features
 from .layers import DiTLayer, PreLNLayer, embedder, final_adaln, normal_init, xavier_init, zero_init
 from .sizes import sized
@@ -46,7 +34,7 @@ from .sizes import sized
 
 @dataclass(frozen=True)
 class RecurrentConfig:
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int = 84  # the Shakespeare characters (dblocks.text.VOCAB)
     seq_len: int = 64
     width: int = 64
     heads: int = 4
@@ -187,10 +175,10 @@ class RecurrentBlock(RecurrentLM):
 
         z (N, T, D) noisy next-token embeddings, sigma (N,), context e (N, T, D) -> (N, T, V).
         """
-        c_skip, c_out, c_in, c_noise = (s.to(z.dtype).reshape(-1, 1, 1) for s in edm_scalings(sigma, sigma_data))
+        c_in, c_noise = (s.to(z.dtype).reshape(-1, 1, 1) for s in edm_scalings(sigma, sigma_data)[2:])
         c = self.condition(c_noise.flatten())  # (N, D)
         h = self.core(context + c_in * z, c)
-        return self.coda(c_out * h + c_skip * z, c)
+        return self.coda(edm_readout(h, z, sigma, sigma_data), c)
 
 
 class RecurrentBaseline(RecurrentLM):
@@ -221,7 +209,7 @@ class RecurrentBaseline(RecurrentLM):
         return self.coda(s, c)
 
 
-def build_recurrent(cfg: RecurrentConfig, spec: BlockSpec, *, baseline: bool = False, seed: int = 0) -> RecurrentLM:
+def build_recurrent(cfg: RecurrentConfig, spec, *, baseline: bool = False, seed: int = 0) -> RecurrentLM:
     """The one block (B = 1, all L = prelude + core + coda layers), or the truncated-BPTT baseline."""
     if spec.num_blocks != 1:
         raise ValueError(
@@ -230,165 +218,3 @@ def build_recurrent(cfg: RecurrentConfig, spec: BlockSpec, *, baseline: bool = F
     if spec.num_layers != cfg.layers:
         raise ValueError(f"block of {spec.num_layers} layers, but model.prelude+core+coda = {cfg.layers}")
     return (RecurrentBaseline if baseline else RecurrentBlock)(cfg, seed)
-
-
-# ---- losses -------------------------------------------------------------------------------------
-def recurrent_loss(
-    net: RecurrentBlock,
-    batch: tuple[torch.Tensor],
-    sigma: torch.Tensor,
-    generator: torch.Generator,
-    sigma_data: float = SIGMA_DATA,
-) -> torch.Tensor:
-    """Per-sample Eq. 6 in ONE pass: z = E[y] + sigma eps, loss = w(sigma) mean_i CE(logits_i, y_i)."""
-    (tokens,) = batch
-    x, y = tokens[:, :-1], tokens[:, 1:]  # (N, T)
-    eps = torch.randn((*y.shape, net.cfg.width), generator=generator).to(tokens.device)
-    z = net.targets[y] + sigma.to(eps.dtype).reshape(-1, 1, 1) * eps  # (N, T, D)
-    logits = net(z, sigma, net.context(x), sigma_data=sigma_data)
-    return weighted_ce(logits, y, sigma, sigma_data)
-
-
-def recurrent_baseline_loss(
-    net: RecurrentBaseline,
-    batch: tuple[torch.Tensor],
-    sigma: torch.Tensor,
-    generator: torch.Generator,
-    sigma_data: float = SIGMA_DATA,
-) -> torch.Tensor:
-    """Per-sample next-character CE after K iterations from s_0 ~ N(0, init_std^2 I), truncated BPTT."""
-    (tokens,) = batch
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    cfg = net.cfg
-    s0 = cfg.init_std * torch.randn((*x.shape, cfg.width), generator=generator).to(tokens.device)
-    logits = net(net.context(x), s0, cfg.iterations, cfg.bptt)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1)
-
-
-# ---- inference ----------------------------------------------------------------------------------
-class RecurrentDenoiser:
-    """D(z, sigma, context) = softmax(logits) @ E (design.md 1.4, discrete targets).
-
-    ``context`` is the prelude's output, computed once per sequence and passed to every call;
-    ``logits`` holds the last call's logits (the prediction after the final call), ``calls`` counts.
-    """
-
-    def __init__(self, net: RecurrentBlock, sigma_data: float = SIGMA_DATA):
-        self.net, self.sigma_data = net, sigma_data
-        self.logits: torch.Tensor | None = None
-        self.calls = 0
-
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.logits = self.net(z, sigma, context, sigma_data=self.sigma_data)
-        self.calls += 1
-        return expected_embedding(self.logits, self.net.targets).to(z.dtype)
-
-
-def recurrent_denoiser(net: RecurrentBlock, sigma_data: float = SIGMA_DATA) -> RecurrentDenoiser:
-    """The block as a denoiser callable D(z, sigma, context=e) for :func:`dblocks.sampling.sample_euler`."""
-    return RecurrentDenoiser(net, sigma_data)
-
-
-@torch.no_grad()
-def predict_recurrent(
-    net: RecurrentLM,
-    x: torch.Tensor,
-    *,
-    iterations: int | None = None,
-    seed: int = 0,
-    sigma_min: float = SIGMA_MIN,
-    sigma_max: float = SIGMA_MAX,
-    p_mean: float = P_MEAN,
-    p_std: float = P_STD,
-    sigma_data: float = SIGMA_DATA,
-) -> torch.Tensor:
-    """Next-character logits (N, T, V) for x (N, T) after K = ``iterations`` core calls (cfg default).
-
-    The prelude runs once. DiffusionBlocks: K Euler steps on the CDF grid inference_sigmas(K) from
-    z = sigma_max N(0, I), one core + coda call each; the final call's logits are the prediction.
-    Baseline: K recurrent iterations from s_0 ~ N(0, init_std^2 I). Noise from a generator seeded ``seed``.
-    """
-    k = iterations or net.cfg.iterations
-    g = torch.Generator().manual_seed(seed)
-    e = net.context(x)  # (N, T, D), once
-    if isinstance(net, RecurrentBaseline):
-        s0 = net.cfg.init_std * torch.randn(e.shape, generator=g).to(e.device)
-        return net(e, s0, k)
-    grid = inference_sigmas(k, sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
-    denoiser = recurrent_denoiser(net, sigma_data)
-    z = sigma_max * torch.randn(e.shape, generator=g).to(e.device)
-    sample_euler(denoiser, z, grid, extra_args={"context": e})
-    return denoiser.logits
-
-
-@torch.no_grad()
-def first_call_logits(
-    net: RecurrentBlock, x: torch.Tensor, *, seed: int = 0, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA
-) -> torch.Tensor:
-    """The logits of the sampler's first call (sigma_max, the same seeded z as :func:`predict_recurrent`).
-
-    At sigma_max, z carries almost no signal, so these are the core's predictive distribution
-    p(y_i | x_<=i): a calibrated one-call CE, unlike the final call's logits, which concentrate on
-    the token the sampler committed to."""
-    e = net.context(x)
-    z = sigma_max * torch.randn(e.shape, generator=torch.Generator().manual_seed(seed)).to(e.device)
-    return net(z, torch.full((x.shape[0],), sigma_max, dtype=torch.float64, device=e.device), e, sigma_data=sigma_data)
-
-
-@torch.no_grad()
-def generate_recurrent(net: RecurrentLM, prompt: torch.Tensor, num_chars: int, **predict) -> torch.Tensor:
-    """Greedy generation: append argmax of the last position's prediction, ``num_chars`` times
-    (the context is the last seq_len characters). Returns the prompt and continuation ids."""
-    ids = prompt.to(net.targets.device)
-    for _ in range(num_chars):
-        logits = predict_recurrent(net, ids[-net.cfg.seq_len :][None], **predict)
-        ids = torch.cat([ids, logits[0, -1].argmax()[None]])
-    return ids
-
-
-def evaluate_recurrent(
-    nets: list[nn.Module],
-    plan: list[BlockSpec],
-    split: TextSplit,
-    *,
-    baseline: bool,
-    seed: int = 0,
-    windows: int = 256,
-    iterations: int | None = None,
-    prompt: str = "ROMEO:\n",
-    sample_chars: int = 200,
-    p_mean: float = P_MEAN,
-    p_std: float = P_STD,
-    sigma_data: float = SIGMA_DATA,
-) -> dict:
-    """Teacher-forced next-character CE (nats/char), bits/char and accuracy of the prediction after
-    K iterations on the first ``windows`` validation windows, plus a greedy sample from ``prompt``.
-
-    ``nets`` = [the one net], ``plan`` = its one BlockSpec (its range gives sigma_min/sigma_max).
-    """
-    if len(nets) != 1 or len(plan) != 1:
-        raise ValueError(f"blocks.num={len(plan)}: the recurrent family runs as one block; use blocks.num=1")
-    net = nets[0].eval()
-    if baseline != isinstance(net, RecurrentBaseline):
-        raise ValueError(f"baseline={baseline}, but the net is a {type(net).__name__}")
-    device = net.targets.device
-    opts = dict(iterations=iterations, seed=seed, sigma_min=plan[0].lo, sigma_max=plan[0].hi,
-                p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)  # fmt: skip
-    val = split.val[:windows].to(device)
-    if val.shape[1] - 1 > net.cfg.seq_len:
-        raise ValueError(f"validation windows of {val.shape[1] - 1} characters exceed model.seq_len={net.cfg.seq_len}")
-    x, y = val[:, :-1], val[:, 1:]
-    logits = torch.cat([predict_recurrent(net, xb, **opts) for xb in x.split(256)])
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item()
-    sample = generate_recurrent(net, encode(prompt), sample_chars, **opts)
-    metrics = {
-        "val_loss": ce,
-        "val_bpc": ce / math.log(2),
-        "val_accuracy": (logits.argmax(-1) == y).double().mean().item(),
-        "sample_text": decode(sample.tolist()),
-    }
-    if not baseline:  # the sampler's first call alone: the core's predictive distribution from pure noise
-        first = torch.cat([first_call_logits(net, xb, seed=seed, sigma_max=plan[0].hi, sigma_data=sigma_data)
-                           for xb in x.split(256)])  # fmt: skip
-        metrics["val_loss_first_call"] = F.cross_entropy(first.flatten(0, 1).float(), y.flatten()).item()
-    return metrics

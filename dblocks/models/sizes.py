@@ -18,6 +18,8 @@ def sized(sizes: dict[str, T], size: str, family: str, **overrides) -> T:
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = [k for k in given if k not in names]
     if unknown:
-        raise ValueError(f"model.{unknown[0]}={given[unknown[0]]!r}: not a setting of the {family} family "
-                         f"(it has {', '.join(names)}); remove it")  # fmt: skip
+        raise ValueError(
+            f"model.{unknown[0]}={given[unknown[0]]!r}: not a setting of the {family} family "
+            f"(it has {', '.join(names)}); remove it"
+        )
     return replace(base, **given)

@@ -11,27 +11,19 @@ sharing a parameter). A block denoises the noisy label embedding z = E[y] + sigm
     D(z)    = softmax(logits) @ E                       the denoised estimate for the sampler
 
 Each ``ViTBlock`` owns its patch embedding, sigma embedder, layers, final adaLN and classifier.
-Inference chains the B blocks with B CDF-spaced Euler grid points: one call per block, so B
-blocks of L/B layers cost one pass of the L-layer baseline (``ViTBaseline``, a plain pre-LN ViT
-with a learned CLS token trained on unweighted CE).
+The end-to-end baseline (``ViTBaseline``) is a plain pre-LN ViT with a learned CLS token. The
+loss, the denoiser and the chained prediction live in ``dblocks/families/vit.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..data import ImageSplit
-from ..embedding import expected_embedding, fixed_embedding
-from ..loss import weighted_ce
-from ..noise import inference_sigmas
-from ..plan import BlockSpec, plan_boundaries
-from ..precond import SIGMA_DATA, edm_scalings
-from ..sampling import BlockRouter, sample_euler
+from ..embedding import fixed_embedding
+from ..precond import SIGMA_DATA, edm_readout, edm_scalings
 from .dit import fourier_features, sincos_pos_embed
 from .layers import DiTLayer, PreLNLayer, embedder, modulate, normal_init, xavier_init, zero_init
 from .sizes import sized
@@ -82,11 +74,6 @@ def token_pos_embed(width: int, grid: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, width), sincos_pos_embed(width, grid)])
 
 
-def noisy_label(table: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """z = E[y] + sigma eps (design.md 1.1), (N, D)."""
-    return table[labels] + sigma[:, None].to(eps.dtype) * eps
-
-
 class ViTBlock(nn.Module):
     """One DiffusionBlocks block: logits = head(adaLN(c_out F(c_in z, x, c_noise) + c_skip z))."""
 
@@ -115,13 +102,14 @@ class ViTBlock(nn.Module):
         self, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor, *, sigma_data: float = SIGMA_DATA
     ) -> torch.Tensor:
         """Logits (N, K) from the noisy label embedding z (N, D), sigma (N,), images (N, C, H, W)."""
-        c_skip, c_out, c_in, c_noise = (c.to(z.dtype)[:, None] for c in edm_scalings(sigma, sigma_data))
+        _, _, c_in, c_noise = edm_scalings(sigma, sigma_data)
+        label = c_in.to(z.dtype)[:, None] * z  # (N, D): c_in on the label token only
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, T-1, D)
-        h = torch.cat([(c_in * z)[:, None], patches], dim=1) + self.pos_embed  # (N, T, D); c_in on slot 0 only
-        c = self.sigma_embed(fourier_features(c_noise[:, 0], self.cfg.freq_dim))  # (N, D)
+        h = torch.cat([label[:, None], patches], dim=1) + self.pos_embed  # (N, T, D)
+        c = self.sigma_embed(fourier_features(c_noise.to(z.dtype), self.cfg.freq_dim))  # (N, D)
         for layer in self.layers:
             h = layer(h, c)
-        u = c_out * h[:, 0] + c_skip * z  # (N, D): the denoised label embedding, before the classifier
+        u = edm_readout(h[:, 0], z, sigma, sigma_data)  # (N, D): the denoised label embedding, before the classifier
         shift, scale = self.final_ada(c).chunk(2, dim=1)
         return self.head(modulate(self.final_norm(u)[:, None], shift, scale)[:, 0])  # (N, K)
 
@@ -157,123 +145,9 @@ class ViTBaseline(nn.Module):
         return self.head(self.final_norm(h[:, 0]))  # (N, K)
 
 
-def build_vit(cfg: ViTConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
+def build_vit(cfg: ViTConfig, spec, *, baseline: bool, seed: int) -> nn.Module:
     """Block ``spec.index`` (``spec.num_layers`` layers), or the end-to-end baseline of
     ``spec.num_layers`` layers. ``seed`` (the run seed) only fixes the label table."""
     if baseline:
         return ViTBaseline(cfg, spec.num_layers)
     return ViTBlock(cfg, spec.num_layers, seed)
-
-
-def vit_loss(
-    net: ViTBlock,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    sigma: torch.Tensor,
-    generator: torch.Generator,
-    sigma_data: float = SIGMA_DATA,
-) -> torch.Tensor:
-    """Per-sample Eq. 6 loss: w(sigma) CE(block(x, E[y] + sigma eps, sigma), y), (N,)."""
-    images, labels = batch
-    table = net.label_table
-    eps = torch.randn((len(labels), table.shape[1]), generator=generator, dtype=table.dtype).to(table.device)
-    z = noisy_label(table, labels, sigma, eps)
-    return weighted_ce(net(z, sigma, images, sigma_data=sigma_data), labels, sigma, sigma_data)
-
-
-def vit_baseline_loss(
-    net: ViTBaseline,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    sigma: torch.Tensor,
-    generator: torch.Generator,
-    sigma_data: float = SIGMA_DATA,
-) -> torch.Tensor:
-    """Plain per-sample cross-entropy of the end-to-end ViT, (N,); sigma and generator are unused."""
-    images, labels = batch
-    return F.cross_entropy(net(images), labels, reduction="none")
-
-
-def vit_denoiser(net: ViTBlock, sigma_data: float = SIGMA_DATA, logits_out: torch.Tensor | None = None):
-    """D(z, sigma, images, rows=None) = softmax(logits) @ E (design.md 1.4, discrete targets).
-
-    With ``logits_out`` (N, K) given, each call also writes its logits to ``logits_out[rows]``
-    (``rows``: the batch rows of this call; BlockRouter slices it with the batch)."""
-    net.eval()
-
-    def denoise(z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor, rows: torch.Tensor | None = None):
-        logits = net(z, sigma, images, sigma_data=sigma_data)
-        if logits_out is not None:
-            logits_out[rows] = logits.to(logits_out.dtype)
-        return expected_embedding(logits, net.label_table).to(z.dtype)
-
-    return denoise
-
-
-class ViTPrediction(NamedTuple):
-    labels: torch.Tensor  # (N,) argmax of the final logits
-    logits: torch.Tensor  # (N, K) logits of the final call (at sigma_min)
-    router: BlockRouter | None  # the router used (router.calls counts calls per block); None for the baseline
-
-
-@torch.no_grad()
-def predict_vit(
-    nets: Sequence[ViTBlock],
-    plan: Sequence[BlockSpec],
-    images: torch.Tensor,
-    *,
-    steps: int | None = None,
-    seed: int = 0,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    sigma_data: float = SIGMA_DATA,
-) -> ViTPrediction:
-    """Chain the B blocks (design.md 1.4): z ~ N(0, sigma_max^2 I), Euler over ``steps`` (default B)
-    CDF-spaced grid points, i.e. one call per block for B >= 2; predict argmax of the final logits.
-
-    With ``steps=1`` (the natural choice for B=1) the grid is the single point sigma_max.
-    """
-    steps = len(nets) if steps is None else steps
-    n, k, width = len(images), nets[0].cfg.num_classes, nets[0].cfg.width
-    logits = torch.full((n, k), float("nan"), device=images.device)
-    router = BlockRouter([vit_denoiser(net, sigma_data, logits) for net in nets], plan_boundaries(list(plan)))
-    if steps == 1:
-        grid = torch.tensor([sigma_max], dtype=torch.float64)
-    else:
-        grid = inference_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
-    g = torch.Generator().manual_seed(seed)
-    z = (sigma_max * torch.randn((n, width), generator=g)).to(images.device)
-    rows = torch.arange(n, device=images.device)
-    sample_euler(router, z, grid, extra_args={"images": images, "rows": rows})
-    return ViTPrediction(logits.argmax(-1), logits, router)
-
-
-@torch.no_grad()
-def predict_baseline(net: ViTBaseline, images: torch.Tensor) -> ViTPrediction:
-    """The end-to-end ViT's prediction: one forward pass."""
-    logits = net.eval()(images)
-    return ViTPrediction(logits.argmax(-1), logits, None)
-
-
-def evaluate_vit(
-    nets: list[nn.Module],
-    plan: list[BlockSpec],
-    split: ImageSplit,
-    *,
-    baseline: bool,
-    seed: int = 0,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    sigma_data: float = SIGMA_DATA,
-) -> dict:
-    """Top-1 accuracy on the test and train images: B chained blocks, or the baseline ([net])."""
-    device = next(nets[0].parameters()).device
-    kw = dict(seed=seed, sigma_min=sigma_min, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)
-    out = {}
-    for name, x, y in (("test", split.test_x, split.test_y), ("train", split.train_x, split.train_y)):
-        x, y = x.to(device), y.to(device)
-        pred = predict_baseline(nets[0], x) if baseline else predict_vit(nets, plan, x, **kw)
-        out[f"{name}_accuracy"] = (pred.labels == y).double().mean().item()
-    return out

@@ -1,0 +1,84 @@
+"""What the controller does when a block's worker fails or goes silent.
+
+Two rules, both per block:
+
+* **Restart or fail.** A worker that raised (its own exception, or its process died) is restarted
+  from its checkpoint, at most ``workers.max_restarts`` times; one more failure fails the run with
+  one line naming the block: ``blocks/1 failed 3 times, last: ValueError: ...``.
+* **Stale heartbeat.** A worker reports (and renews its lease) at least every ``lease_seconds / 3``.
+  One whose heartbeat has not changed for longer than ``workers.lease_seconds`` is hung: the
+  controller stops it and treats it as failed (restart from its checkpoint, counted against
+  ``max_restarts``). Its lease lapsed at the same moment, so the new worker can take the block.
+  The controller times the silence with its own clock, from the moment it last saw the heartbeat
+  change or (re)started the worker, whichever is later (no clock is compared across machines). A
+  worker that has not reported since it was (re)started gets ``startup_seconds`` instead: a Ray
+  actor's process start and imports take 10+ s, far longer on a loaded machine.
+
+An external block (``workers.external``) is not ours to restart: a stale external worker is
+logged once and waited for; its lapsed lease lets another ``python -m worker`` take the block.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from worker.record import JobId
+
+
+class RunFailed(RuntimeError):
+    """A block failed more often than ``workers.max_restarts`` allows (one line, naming it)."""
+
+
+class StaleHeartbeat(TimeoutError):
+    """A worker stopped reporting for longer than its lease."""
+
+
+class Decision(enum.Enum):
+    RESTART = "restart"
+    FAIL = "fail"
+
+
+_TYPED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Heartbeat|Warning)\b")
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` on one line (the last line of a traceback a Ray error carries), at most 300 chars."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    if not _TYPED.match(last):
+        last = f"{type(error).__name__}: {last}" if last else type(error).__name__
+    return last[:300]
+
+
+@dataclass
+class FailurePolicy:
+    max_restarts: int  # workers.max_restarts
+    lease_seconds: float  # workers.lease_seconds
+    startup_seconds: float = 120.0  # silence allowed before a (re)started worker's first report
+    restarts: Counter = field(default_factory=Counter)  # restarts granted so far, per job
+
+    def decide(self, job: JobId, error: BaseException) -> Decision:
+        """Restart ``job`` (and count it) while restarts are left, else fail the run."""
+        if self.restarts[job] >= self.max_restarts:
+            return Decision.FAIL
+        self.restarts[job] += 1
+        return Decision.RESTART
+
+    def failure(self, job: JobId, error: BaseException) -> RunFailed:
+        return RunFailed(f"{job} failed {self.restarts[job] + 1} times, last: {describe(error)}")
+
+    def stale(self, progress: Mapping[str, str], quiet: float, reported: bool) -> StaleHeartbeat | None:
+        """The error a hung worker counts as, or None while it is alive (or done). ``quiet``: seconds
+        since its heartbeat last changed or it was (re)started; ``reported``: it has reported since."""
+        if progress.get("state") == "done":
+            return None
+        if reported and quiet > self.lease_seconds:
+            return StaleHeartbeat(f"no heartbeat for {quiet:.0f} s (workers.lease_seconds={self.lease_seconds:g})")
+        limit = max(self.lease_seconds, self.startup_seconds)
+        if not reported and quiet > limit:
+            return StaleHeartbeat(f"no heartbeat {quiet:.0f} s after its start (start-up may take {limit:g} s)")
+        return None

