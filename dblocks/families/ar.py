@@ -12,7 +12,6 @@ z ~ N(0, sigma_max^2 I); the final call's logits give the token (Sec. 3.4).
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ from ..models.ar import AR_SIZES, ARBaseline, ARBlock, ARConfig, build_ar
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
 from ..text import CHAMPION_MAX_BPC, TextSplit, decode, encode, load_text_split, next_token_pairs
-from .base import Family, Headline, LossFn, Row
+from .base import Family, Headline, Row
 from .discrete import ChainLogits, DiscreteDenoiser, chain_logits
 
 
@@ -189,13 +188,9 @@ class AR(Family):
     )
     headline = Headline("val_bpc", higher_is_better=False, threshold=CHAMPION_MAX_BPC)
 
-    def build(self, cfg: ARConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
-        return build_ar(cfg, spec, baseline=baseline, seed=seed)
-
-    def loss(self, cfg: ARConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool) -> LossFn:
-        if baseline:
-            return ar_baseline_loss
-        return partial(ar_loss, sigma_data=levels.sigma_data, weighted=weighted)
+    build = staticmethod(build_ar)
+    block_loss = staticmethod(ar_loss)
+    baseline_loss = staticmethod(ar_baseline_loss)
 
     def denoiser(self, net: ARBlock, levels: SigmaLevels) -> DiscreteDenoiser:
         return ar_denoiser(net, levels.sigma_data)

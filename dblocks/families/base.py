@@ -10,6 +10,7 @@ call these methods: a sixth family is two new files plus one registry line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import torch
@@ -83,14 +84,20 @@ class Family:
         """Cross-field config rules of this family; raise ConfigError with a one-line message."""
 
     # ---- training ------------------------------------------------------------------------
-    def build(self, cfg, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
-        """Block ``spec.index``'s network (``spec.num_layers`` layers) or the end-to-end baseline."""
-        raise NotImplementedError
+    # Subclasses set ``build = staticmethod(build_<family>)``: (cfg, spec, *, baseline, seed) -> the
+    # network of block ``spec.index`` (``spec.num_layers`` layers) or of the end-to-end baseline.
+    build: ClassVar[Callable[..., nn.Module]]
+    # The default ``loss`` binds these: Eq. 6 for a block, (net, batch, sigma, generator, sigma_data,
+    # *, weighted), and the baseline's own objective, (net, batch, sigma, generator).
+    block_loss: ClassVar[Callable[..., torch.Tensor]]
+    baseline_loss: ClassVar[LossFn]
 
     def loss(self, cfg, levels: Levels, *, baseline: bool, weighted: bool) -> LossFn:
         """The per-sample loss: Eq. 6 for a block (``weighted=False``: without w(sigma), the
         ablation); the baseline's own objective for ``baseline`` (unchanged by ``weighted``)."""
-        raise NotImplementedError
+        if baseline:
+            return self.baseline_loss
+        return partial(self.block_loss, sigma_data=levels.sigma_data, weighted=weighted)
 
     # ---- inference -----------------------------------------------------------------------
     def denoiser(self, net: nn.Module, levels: Levels):

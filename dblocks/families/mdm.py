@@ -174,8 +174,7 @@ class MDM(Family):
                 "train.loss_weighting=false: the mdm family's ELBO weight is not an ablation; keep it true"
             )
 
-    def build(self, cfg: MDMConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> MDMBlock:
-        return build_mdm(cfg, spec, baseline=baseline, seed=seed)
+    build = staticmethod(build_mdm)
 
     def loss(self, cfg: MDMConfig, levels: TimeLevels, *, baseline: bool, weighted: bool) -> LossFn:
         """MD4's ELBO integrand; w(t) belongs to the ELBO, so ``weighted`` does not apply (``check``)."""

@@ -32,7 +32,7 @@ from ..plan import BlockSpec
 from ..precond import SIGMA_DATA
 from ..text import CHAMPION_MAX_BPC, TextSplit, decode, encode, load_text_split, next_token_pairs
 from .ar import next_token_ce
-from .base import Family, Headline, LossFn, Row
+from .base import Family, Headline, Row
 from .discrete import ChainLogits, DiscreteDenoiser, chain_logits
 
 
@@ -190,13 +190,9 @@ class Recurrent(Family):
                 f"blocks.num={run.blocks.num}: the recurrent family trains its core as one block; use blocks.num=1"
             )
 
-    def build(self, cfg: RecurrentConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> RecurrentLM:
-        return build_recurrent(cfg, spec, baseline=baseline, seed=seed)
-
-    def loss(self, cfg: RecurrentConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool) -> LossFn:
-        if baseline:
-            return recurrent_baseline_loss
-        return partial(recurrent_loss, sigma_data=levels.sigma_data, weighted=weighted)
+    build = staticmethod(build_recurrent)
+    block_loss = staticmethod(recurrent_loss)
+    baseline_loss = staticmethod(recurrent_baseline_loss)
 
     def denoiser(self, net: RecurrentBlock, levels: SigmaLevels) -> DiscreteDenoiser:
         return recurrent_denoiser(net, levels.sigma_data)

@@ -25,7 +25,7 @@ from ..models.vit import VIT_SIZES, ViTBaseline, ViTBlock, ViTConfig, build_vit
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
 from ..sampling import BlockRouter
-from .base import CHAMPION_MIN_ACCURACY, Family, Headline, LossFn, Row
+from .base import CHAMPION_MIN_ACCURACY, Family, Headline, Row
 from .discrete import DiscreteDenoiser, chain_logits
 
 
@@ -134,14 +134,9 @@ class ViT(Family):
     rows = (Row("test accuracy", "test_accuracy", "{:.2%}"),)
     headline = Headline("test_accuracy", higher_is_better=True, threshold=CHAMPION_MIN_ACCURACY)
 
-    def build(self, cfg: ViTConfig, spec: BlockSpec, *, baseline: bool, seed: int) -> nn.Module:
-        return build_vit(cfg, spec, baseline=baseline, seed=seed)
-
-    def loss(self, cfg: ViTConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool) -> LossFn:
-        """Eq. 6 (w * CE) for a block; the baseline's plain CE whatever ``weighted`` says."""
-        if baseline:
-            return vit_baseline_loss
-        return partial(vit_loss, sigma_data=levels.sigma_data, weighted=weighted)
+    build = staticmethod(build_vit)
+    block_loss = staticmethod(vit_loss)
+    baseline_loss = staticmethod(vit_baseline_loss)
 
     def denoiser(self, net: ViTBlock, levels: SigmaLevels) -> DiscreteDenoiser:
         return vit_denoiser(net, levels.sigma_data)
