@@ -59,6 +59,14 @@ from worker.config import load_run_config  # noqa: E402
 # ABLATION_SEEDS seeds only, so that the full run fits in an hour on 2 cores.
 ABLATION_SEEDS = 2
 TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_samples": 5000, "ema_halflife_samples": 10000, "device": "cpu"}
+
+
+def text_base(family: str, **extra) -> dict:
+    """A text family's base config at the benchmark size: tiny, 32-character context, batch 32."""
+    model = {"family": family, "size": "tiny", "seq_len": 32}
+    return {"name": f"q-{family}", "model": model, "data": {"source": "text"}, "train": {"batch_size": 32}, **extra}
+
+
 FAMILIES: dict[str, dict] = {
     "dit": {
         "base": {
@@ -87,13 +95,7 @@ FAMILIES: dict[str, dict] = {
         "metrics": ["test_accuracy"],
     },
     "ar": {
-        "base": {
-            "name": "q-ar",
-            "model": {"family": "ar", "size": "tiny", "seq_len": 32},
-            "data": {"source": "text"},
-            "blocks": {"gamma": 0.1},
-            "train": {"batch_size": 32},
-        },
+        "base": text_base("ar", blocks={"gamma": 0.1}),
         "B": 4,
         "steps": 600,
         "variants": [("e2e", {}, True), ("B=4 pure", {}, False), ("B=4 mixed", {"model": {"mixed": True}}, False)],
@@ -101,25 +103,14 @@ FAMILIES: dict[str, dict] = {
         "metrics": ["val_ce", "val_ce_sigma_max", "val_accuracy", "val_ce_next_head"],
     },
     "mdm": {
-        "base": {
-            "name": "q-mdm",
-            "model": {"family": "mdm", "size": "tiny", "seq_len": 32},
-            "data": {"source": "text"},
-            "blocks": {"gamma": 0.0},
-            "train": {"batch_size": 32},
-        },
+        "base": text_base("mdm", blocks={"gamma": 0.0}),
         "B": 3,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("B=3", {}, False)],
         "metrics": ["test_bpc"],
     },
     "recurrent": {
-        "base": {
-            "name": "q-rec",
-            "model": {"family": "recurrent", "size": "tiny", "seq_len": 32},
-            "data": {"source": "text"},
-            "train": {"batch_size": 32},
-        },
+        "base": text_base("recurrent"),
         "B": 1,
         "steps": 1000,
         "variants": [("e2e", {}, True), ("diffusion core", {}, False)],

@@ -90,24 +90,26 @@ def _weighting_families() -> list[str]:
     return [name for name, fam in FAMILIES.items() if _run(name).levels.space == "sigma"]
 
 
+def _both_weightings(name: str, model: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-sample loss of ``model``'s first job with weighted=True and =False: same net, same draws."""
+    run = _run(name)
+    spec = model_plans(run)[model][0]
+    level = _levels(run, spec)
+    a, net = _losses(run, spec, baseline=model == "e2e", weighted=True, level=level)
+    b, _ = _losses(run, spec, baseline=model == "e2e", weighted=False, level=level, net=net)
+    return a, b, level
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_the_baseline_loss_does_not_depend_on_weighted(name):
-    run = _run(name)
-    spec = model_plans(run)["e2e"][0]
-    level = _levels(run, spec)
-    a, net = _losses(run, spec, baseline=True, weighted=True, level=level)
-    b, _ = _losses(run, spec, baseline=True, weighted=False, level=level, net=net)
+    a, b, _ = _both_weightings(name, "e2e")
     assert a.shape == (N,) and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", _weighting_families())
 def test_the_unweighted_block_loss_is_the_weighted_one_without_lambda(name):
     """Eq. 6 with and without w(sigma): the same draws, the same network, a ratio of lambda(sigma)."""
-    run = _run(name)
-    spec = model_plans(run)["blocks"][0]
-    level = _levels(run, spec)
-    a, net = _losses(run, spec, baseline=False, weighted=True, level=level)
-    b, _ = _losses(run, spec, baseline=False, weighted=False, level=level, net=net)
+    a, b, level = _both_weightings(name, "blocks")
     assert b.shape == (N,) and not torch.equal(a, b)
     torch.testing.assert_close(b.double(), a.double() / _weight(level), rtol=1e-5, atol=0)
 

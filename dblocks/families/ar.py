@@ -190,10 +190,8 @@ class AR(Family):
 
     build = staticmethod(build_ar)
     block_loss = staticmethod(ar_loss)
+    make_denoiser = staticmethod(ar_denoiser)
     baseline_loss = staticmethod(ar_baseline_loss)
-
-    def denoiser(self, net: ARBlock, levels: SigmaLevels) -> DiscreteDenoiser:
-        return ar_denoiser(net, levels.sigma_data)
 
     def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
         """evaluate_ar's metrics plus the headline ``val_bpc`` = val_ce / ln 2."""

@@ -100,9 +100,12 @@ class Family:
         return partial(self.block_loss, sigma_data=levels.sigma_data, weighted=weighted)
 
     # ---- inference -----------------------------------------------------------------------
+    # (net, sigma_data) -> the sampler's callable D(z, sigma, **cond); the default ``denoiser`` binds it.
+    make_denoiser: ClassVar[Callable[..., Callable]]
+
     def denoiser(self, net: nn.Module, levels: Levels):
         """A trained block as the sampler's callable D(z, level, **cond)."""
-        raise NotImplementedError
+        return self.make_denoiser(net, levels.sigma_data)
 
     def evaluate(self, nets: Sequence[nn.Module], plan: Sequence[BlockSpec], run: RunConfig, *, baseline: bool) -> dict:
         """Metrics of one trained model (B blocks, or ``[net]`` of the baseline); floats keyed as in

@@ -146,14 +146,12 @@ class DiT(Family):
     headline = Headline("sample_accuracy", higher_is_better=True, threshold=CHAMPION_MIN_ACCURACY)
 
     build = staticmethod(build_dit)
+    make_denoiser = staticmethod(block_denoiser)
 
     def loss(self, cfg: DiTConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool) -> LossFn:
         """Eq. 6 for a block (``weighted=False``: without w(sigma)); the baseline, the B = 1 DiT, keeps
         the weighted Eq. 6 whatever ``weighted`` says (the ablation is of the blocks)."""
         return partial(dit_loss, sigma_data=levels.sigma_data, weighted=weighted or baseline)
-
-    def denoiser(self, net: DiTBlock, levels: SigmaLevels):
-        return block_denoiser(net, levels.sigma_data)
 
     def generate(self, nets, plan, levels: SigmaLevels, labels: torch.Tensor, sample, *, seed: int) -> torch.Tensor:
         cfg = nets[0].cfg

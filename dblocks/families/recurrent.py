@@ -192,10 +192,8 @@ class Recurrent(Family):
 
     build = staticmethod(build_recurrent)
     block_loss = staticmethod(recurrent_loss)
+    make_denoiser = staticmethod(recurrent_denoiser)
     baseline_loss = staticmethod(recurrent_baseline_loss)
-
-    def denoiser(self, net: RecurrentBlock, levels: SigmaLevels) -> DiscreteDenoiser:
-        return recurrent_denoiser(net, levels.sigma_data)
 
     def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
         split = load_text_split(run.model.resolved().seq_len, run.data.split_seed)

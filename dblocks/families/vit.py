@@ -37,12 +37,12 @@ def noisy_label(table: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, 
 
 def vit_loss(
     net: ViTBlock,
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: tuple,
     sigma: torch.Tensor,
     generator: torch.Generator,
-    sigma_data: float = SIGMA_DATA,
+    sigma_data=SIGMA_DATA,
     *,
-    weighted: bool = True,
+    weighted=True,
 ) -> torch.Tensor:
     """Per-sample Eq. 6 loss: w(sigma) CE(block(x, E[y] + sigma eps, sigma), y), (N,);
     ``weighted=False``: the plain CE (Eq. 6 without w(sigma))."""
@@ -136,10 +136,8 @@ class ViT(Family):
 
     build = staticmethod(build_vit)
     block_loss = staticmethod(vit_loss)
+    make_denoiser = staticmethod(vit_denoiser)
     baseline_loss = staticmethod(vit_baseline_loss)
-
-    def denoiser(self, net: ViTBlock, levels: SigmaLevels) -> DiscreteDenoiser:
-        return vit_denoiser(net, levels.sigma_data)
 
     def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
         split = load_digits_split(run.data.test_size, run.data.split_seed)
