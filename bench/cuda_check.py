@@ -28,7 +28,7 @@ import torch
 
 from dblocks.build import make_trainer, model_plans
 from dblocks.config import BlocksConfig, RunConfig, SampleConfig, TrainConfig, model_config, resolve_device
-from dblocks.data import load_digits_split
+from dblocks.data import digits_data
 from dblocks.seeds import derive_seed
 from dblocks.units import Shard, apply_unit, make_units
 
@@ -79,12 +79,12 @@ def train_job(cfg: RunConfig, model: str, spec, shards: dict, device: torch.devi
     return out
 
 
-def run_device(cfg: RunConfig, device: torch.device, shards: dict) -> dict:
+def run_device(cfg: RunConfig, device: torch.device, shards: dict, data) -> dict:
     """Train every job of the debug preset on ``device``; evaluate each model on the CPU."""
     plans, results = model_plans(cfg), {}
     for model, plan in plans.items():
         jobs = [train_job(cfg, model, spec, shards, device) for spec in plan]
-        metrics = cfg.family.evaluate([j.pop("ema") for j in jobs], plan, cfg, baseline=model == "e2e")
+        metrics = cfg.family.evaluate([j.pop("ema") for j in jobs], plan, cfg, data, baseline=model == "e2e")
         floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
         results[model] = {"jobs": jobs, "metrics": floats}
     return results
@@ -99,10 +99,10 @@ def main() -> None:
     args = ap.parse_args()
     cfg = debug_config(50 if args.quick else args.steps)
     device = resolve_device(args.device)
-    split = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
-    shards = shards_of(split.train_x, split.train_y, cfg.data.shards)
+    data = digits_data()  # the built-in digits' split, as `dblocks-data input=builtin:digits` prepares it
+    shards = shards_of(*data.split("train"), 2)
     torch.manual_seed(0)
-    sides = {"device": run_device(cfg, device, shards), "cpu": run_device(cfg, torch.device("cpu"), shards)}
+    sides = {"device": run_device(cfg, device, shards, data), "cpu": run_device(cfg, torch.device("cpu"), shards, data)}
     report = {
         "command": shlex.join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 from dblocks.build import build_block, make_trainer, plan_for  # noqa: E402
 from dblocks.config import RunConfig  # noqa: E402
-from dblocks.data import BatchStream, load_digits_split  # noqa: E402
+from dblocks.data import BatchStream, digits_data, load_digits_split  # noqa: E402
 from dblocks.families import FAMILIES as REGISTRY  # noqa: E402
 from dblocks.seeds import derive_seed  # noqa: E402
-from dblocks.text import load_text_split  # noqa: E402
+from dblocks.text import load_text_split, shakespeare_data  # noqa: E402
 from worker.config import load_run_config  # noqa: E402
 
 # family -> base config (the same for both sides), the paper's B, and the variants compared.
@@ -135,12 +135,15 @@ def task_config(family: str, variant: dict, seed: int, steps: int, quick: bool) 
     return merge(d, variant)
 
 
-def batches(family_data: str, split_seed: int, seq_len: int | None):
-    """The training tensors: (images, labels) or (windows,)."""
+def batches(family_data: str, seq_len: int | None):
+    """The training tensors of the built-in set: (images, labels) or (windows,)."""
     if family_data == "digits":
-        s = load_digits_split(split_seed=split_seed)
+        s = load_digits_split()
         return (s.train_x, s.train_y)
-    return (load_text_split(seq_len, split_seed).train,)
+    return (load_text_split(seq_len).train,)
+
+
+HELD_OUT = {"digits": digits_data, "text": shakespeare_data}  # the held-out data each family is evaluated on
 
 
 def train_block(cfg: RunConfig, spec, baseline: bool, rows: tuple) -> tuple[torch.nn.Module, float, float]:
@@ -163,9 +166,7 @@ def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, s
     torch.set_num_threads(1)
     cfg = load_run_config(cfg_dict)
     plan = plan_for(cfg, 1 if baseline else cfg.blocks.num)
-    rows = batches(
-        cfg.data.source, cfg.data.split_seed, cfg.model.resolved().seq_len if cfg.data.source == "text" else None
-    )
+    rows = batches(cfg.data.source, cfg.model.resolved().seq_len if cfg.data.source == "text" else None)
     trained = [train_block(cfg, spec, baseline, rows) for spec in plan]
     models = [(name, cfg, trained)]
     for sib_name, sib_dict in siblings:
@@ -181,7 +182,7 @@ def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, s
     for model_name, model_cfg, blocks in models:
         nets = [net for net, _, _ in blocks]
         t1 = time.perf_counter()
-        res = model_cfg.family.evaluate(nets, plan, model_cfg, baseline=baseline)
+        res = model_cfg.family.evaluate(nets, plan, model_cfg, HELD_OUT[cfg.data.source](), baseline=baseline)
         out = {k: v for k, v in res.items() if isinstance(v, (float, int, str)) and not isinstance(v, bool)}
         out.update(
             train_seconds=sum(sec for _, _, sec in blocks),

@@ -45,28 +45,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402  (bench scripts may use services directly)
 import torch  # noqa: E402
 
-from coordinator.run import new_run, services  # noqa: E402
+from coordinator.run import new_run, open_data, services  # noqa: E402
 from coordinator.workers import WorkerGroup, make_workers  # noqa: E402
 from dblocks.build import make_trainer  # noqa: E402
 from dblocks.config import RunConfig  # noqa: E402
 from dblocks.plan import BlockSpec  # noqa: E402
 from dblocks.units import WorkUnit, apply_unit  # noqa: E402
 from worker.config import load_run_config  # noqa: E402
+from worker.dataset import open_dataset  # noqa: E402
 from worker.record import JobId  # noqa: E402
-from worker.shards import read_shard  # noqa: E402
-from worker.storage import Storage  # noqa: E402
 from worker.store import RedisStore, keys  # noqa: E402
 
 
-def plain_loop(cfg_dict: dict, spec: dict, units: list[dict], storage: str) -> float:
-    """Seconds per step of the block in a plain loop over the same units, first unit (warm-up) excluded."""
+def plain_loop(cfg_dict: dict, spec: dict, units: list[dict]) -> float:
+    """Seconds per step of the block in a plain loop over the same units (their rows read up front),
+    first unit (warm-up) excluded."""
     torch.set_num_threads(1)
     cfg, spec = load_run_config(cfg_dict), BlockSpec(**spec)
-    st = Storage(storage)
-    shards = {u["shard"]: read_shard(st, u["shard"]) for u in units}
+    data = open_dataset(cfg.data.path)
+    units = [WorkUnit.from_dict(u) for u in units]
+    rows = {(u.shard, u.row_start, u.row_end): None for u in units}
+    rows = {key: data.read_rows(*key) for key in rows}
     trainer = make_trainer(cfg, spec)
-    for k, u in enumerate(map(WorkUnit.from_dict, units)):
-        apply_unit(trainer, u, tuple(c[u.row_start : u.row_end] for c in shards[u.shard]))
+    for k, u in enumerate(units):
+        apply_unit(trainer, u, rows[u.shard, u.row_start, u.row_end])
         if k == 0:
             t0, s0 = time.perf_counter(), trainer.step_count
     return (time.perf_counter() - t0) / (trainer.step_count - s0)
@@ -78,7 +80,8 @@ def unit_dicts(store: RedisStore, run: str, job: JobId) -> list[dict]:
 
 
 def measure(cfg: RunConfig, store: RedisStore, tracker, storage, workers: WorkerGroup, jobs: list[JobId]) -> dict:
-    manifest = new_run(cfg, store, tracker, storage)
+    cfg, data = open_data(cfg, storage)
+    manifest = new_run(cfg, store, tracker, storage, data)
     run = manifest.run_id
     workers.attach(store, run)
     for j in jobs:
@@ -148,7 +151,7 @@ def main() -> int:
                 if isinstance(jobs, JobId):  # the plain loop over the units of that block's run alone
                     m = store.manifest(phases[f"alone-{jobs.index}"]["run"])
                     units = unit_dicts(store, m.run_id, jobs)
-                    sps = ray.get(plain.remote(m.config, asdict(m.job(jobs).spec), units, m.storage))
+                    sps = ray.get(plain.remote(m.config, asdict(m.job(jobs).spec), units))
                     phases[name] = {"seconds_per_step": sps}
                 else:
                     phases[name] = measure(cfg, store, tracker, storage, workers, jobs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dblocks.config import ConfigError
-from worker.shards import ShardError
+from dblocks.datacard import DataError
 from worker.storage import StorageError
 from worker.store import StoreError
 
@@ -12,4 +12,4 @@ from .sampler import BlockSetError
 from .tracking import TrackingError
 from .workers import LaunchError
 
-USER_ERRORS = (ConfigError, StoreError, StorageError, ShardError, LaunchError, TrackingError, BlockSetError, RunFailed)
+USER_ERRORS = (ConfigError, StoreError, StorageError, DataError, LaunchError, TrackingError, BlockSetError, RunFailed)

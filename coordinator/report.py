@@ -13,15 +13,19 @@ from dblocks.data import unscale_pixels
 
 
 def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4) -> Path:
-    """Samples (N, 1, H, W) in [-1, 1] -> a grey PNG, ``columns`` per row, upscaled ``scale``x."""
-    n, _, h, w = samples.shape
+    """Samples (N, C, H, W) in [-1, 1], C = 1 (grey) or 3 (RGB) -> a PNG in their own colour,
+    ``columns`` per row on a white 1-pixel grid, upscaled ``scale``x."""
+    n, c, h, w = samples.shape
+    if c not in (1, 3):
+        raise ValueError(f"save_grid: {c} channels; images are grey (1) or RGB (3)")
     rows = (n + columns - 1) // columns
-    canvas = torch.ones(rows * (h + 1) + 1, columns * (w + 1) + 1)
-    for i, img in enumerate(unscale_pixels(samples[:, 0])):
-        r, c = divmod(i, columns)
-        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img
-    pixels = (canvas * 255).round().to(torch.uint8).numpy()
-    im = Image.fromarray(pixels, mode="L").resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    canvas = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1)
+    for i, img in enumerate(unscale_pixels(samples)):
+        r, col = divmod(i, columns)
+        canvas[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
+    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    im = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path

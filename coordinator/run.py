@@ -4,7 +4,9 @@
    with ``workers.backend=inline`` keeps it in this process), MLflow (``mlflow.tracking_uri``, or
    sqlite under ``output_dir``), Ray (``ray.address``, the cluster of ``ray job submit``, or a local
    Ray). An unreachable one fails here, in one line.
-2. A new run: write the train split as parquet shards to storage, plan every block (level range,
+2. Open the data (``data.path``, or the built-in set prepared into storage on first use), check
+   every shard against its card, and take the model's input shape, classes or vocabulary from it.
+   A new run: plan every block (level range,
    layers, seeds), cut each block's steps into work units, open the MLflow parent run and one
    child run per block, and write the manifest and all units to the store in one transaction
    (``resume=<run id>`` instead reloads that run's manifest).
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -32,18 +35,17 @@ import torch
 
 from dblocks.build import model_plans
 from dblocks.config import ConfigError, RunConfig
-from dblocks.data import load_digits_split
 from dblocks.plan import BlockSpec, plan_hash
 from dblocks.seeds import derive_seed
-from dblocks.text import VOCAB_SIZE, load_text_split
 from dblocks.units import Shard, make_units
 from worker.block_worker import export_rel
+from worker.dataset import Dataset, open_dataset
 from worker.record import MODEL_NAMES, Job, JobId, Manifest
-from worker.shards import write_image_shards, write_text_shards
 from worker.storage import Storage
 from worker.store import RunStore, open_store
 
 from .controller import Controller
+from .data import PrepareConfig, prepare
 from .policy import FailurePolicy
 from .progress import Progress
 from .redis_server import EmbeddedRedis
@@ -71,36 +73,60 @@ def default_tracking_uri(cfg: RunConfig) -> str:
     return cfg.mlflow.tracking_uri or f"sqlite:///{Path(cfg.output_dir).resolve()}/mlflow.db"
 
 
-def _text_shards(cfg: RunConfig, storage: Storage) -> list[Shard]:
-    seq_len = cfg.model.resolved().seq_len
-    windows = load_text_split(seq_len, cfg.data.split_seed).train
-    prefix = f"data/text-seq{seq_len}-split{cfg.data.split_seed}"
-    return write_text_shards(storage, prefix, windows, cfg.data.shards, vocab_size=VOCAB_SIZE)
+BUILTIN_INPUTS = {"digits": "builtin:digits", "text": "builtin:shakespeare"}  # data.source -> dblocks-data input
 
 
-def _digit_shards(cfg: RunConfig, storage: Storage) -> list[Shard]:
-    data = load_digits_split(cfg.data.test_size, cfg.data.split_seed)
-    prefix = f"data/digits-test{cfg.data.test_size}-split{cfg.data.split_seed}"
-    return write_image_shards(storage, prefix, data.train_x, data.train_y, cfg.data.shards, num_classes=10)
+def open_data(cfg: RunConfig, storage: Storage) -> tuple[RunConfig, Dataset]:
+    """The run's dataset, checked against its card, and the config with what the data decides.
+
+    ``data.path`` names a prepared dataset; without one the built-in set is prepared into the run's
+    storage (``data/builtin-<source>``) by the same code as ``dblocks-data``, once. Every shard's
+    content hash is checked here, before any training. The model's input shape, classes or
+    vocabulary are set from the card (``Family.data_fields``); an override that disagrees is refused."""
+    if cfg.data.path is None:
+        source = cfg.data.source.value
+        out = storage.uri(f"data/builtin-{source}")
+        prepare(PrepareConfig(input=BUILTIN_INPUTS[source], output=out))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=out))
+    data = open_dataset(cfg.data.path)
+    data.verify()
+    fields = cfg.family.data_fields(data.card, cfg)
+    for key, value in fields.items():
+        mine = getattr(cfg.model, key)
+        if mine is not None and mine != value:
+            raise ConfigError(
+                f"model.{key}={mine}: {cfg.data.name} has {key} {value} ({data.card.describe()}); remove the override"
+            )
+    try:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.data.name} ({data.card.describe()}) does not fit the model: {e}") from None
+    return cfg, data
 
 
-SHARD_WRITERS = {"text": _text_shards, "digits": _digit_shards}  # data.source -> its train split as shards
-
-
-def write_train_shards(cfg: RunConfig, storage: Storage) -> list[Shard]:
-    """The train split of the family's built-in data as parquet shards (kept if already written)."""
-    shards = SHARD_WRITERS[cfg.data.source](cfg, storage)
-    smallest = min(s.rows for s in shards)
-    if cfg.train.batch_size > smallest:
+def train_shards(cfg: RunConfig, data: Dataset) -> list[Shard]:
+    """The train split's shards, with their training rows (text: the model's windows)."""
+    seq_len = cfg.model.resolved().seq_len if cfg.family.kind == "text" else None
+    shards = data.train_shards(seq_len)
+    batch = cfg.train.batch_size
+    if sum(s.rows for s in shards) < batch:
+        rows = sum(s.rows for s in shards)
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size}: larger than a shard ({smallest} rows); use fewer data.shards"
+            f"train.batch_size={batch}: {cfg.data.name} has only {rows} training rows; use a smaller batch"
+        )
+    small = min(shards, key=lambda s: s.rows)
+    if small.rows < batch:
+        raise ConfigError(
+            f"train.batch_size={batch}: larger than shard {data.storage.uri(small.path)} ({small.rows} rows); "
+            "use a smaller batch, or prepare the data with fewer, larger shards (shards=K)"
         )
     return shards
 
 
-def new_run(cfg: RunConfig, store: RunStore, tracker: Tracker, storage: Storage) -> Manifest:
+def new_run(cfg: RunConfig, store: RunStore, tracker: Tracker, storage: Storage, data: Dataset) -> Manifest:
+    """A new run over ``data`` (``cfg`` as ``open_data`` returned it)."""
     run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    shards = write_train_shards(cfg, storage)
+    shards = train_shards(cfg, data)
     parent = tracker.start_run(run_id, {"dblocks.run_id": run_id}, system_metrics=True)
     tracker.log_params(parent, cfg.params())
     jobs, units = {}, {}
@@ -110,7 +136,7 @@ def new_run(cfg: RunConfig, store: RunStore, tracker: Tracker, storage: Storage)
             job = JobId(model, spec.index)
             seed = derive_seed(cfg.seed, model)
             units[job] = make_units(cfg.train.steps, cfg.train.unit_steps, shards, seed, spec.index)
-            tags = {"block": spec.index, "num_blocks": spec.num_blocks, "plan_hash": hash_}
+            tags = {"block": spec.index, "num_blocks": spec.num_blocks, "plan_hash": hash_, **data_tags(data)}
             child = tracker.start_run(str(job), tags, parent)
             tracker.log_params(child, {**asdict(spec), "plan_hash": hash_, "units": len(units[job])})
             external = not job.baseline and spec.index in cfg.workers.external
@@ -120,6 +146,11 @@ def new_run(cfg: RunConfig, store: RunStore, tracker: Tracker, storage: Storage)
     tracker.log_dict(parent, manifest_dict(manifest), "manifest.json")
     tracker.log_dict(parent, cfg.to_dict(), "config.json")
     return manifest
+
+
+def data_tags(data: Dataset) -> dict:
+    """What the registry and MLflow record of the data a block was trained on."""
+    return {"data_uri": data.root, "data_hash": data.card.content_hash}
 
 
 def manifest_dict(manifest: Manifest) -> dict:
@@ -150,8 +181,11 @@ def train(
         Controller(manifest, store, workers, tracker, policy, jobs, on_progress=display.update).run()
 
 
-def register(manifest: Manifest, store: RunStore, tracker: Tracker, storage: Storage, jobs: list[JobId]) -> None:
-    """Each finished block -> a new version of its registered model, alias ``candidate``."""
+def register(
+    manifest: Manifest, store: RunStore, tracker: Tracker, storage: Storage, jobs: list[JobId], data: Dataset
+) -> None:
+    """Each finished block -> a new version of its registered model, alias ``candidate``, tagged with
+    its plan and the dataset it was trained on (URI and content hash)."""
     for job in jobs:
         if job in manifest.registered:
             continue
@@ -164,6 +198,7 @@ def register(manifest: Manifest, store: RunStore, tracker: Tracker, storage: Sto
             "hi": repr(spec.hi),
             "plan_hash": info.plan_hash,
             "run_id": manifest.run_id,
+            **data_tags(data),
         }
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.get_file(export_rel(manifest.run_id, job), Path(tmp) / "block.safetensors")
@@ -179,11 +214,13 @@ def result_name(cfg: RunConfig, model: str) -> str:
 
 
 def show_samples(cfg: RunConfig, res: dict, out: Path, model: str) -> Path | None:
-    """Write what a set generated: a 10 x 10 grid (row = digit) for images, the text for text."""
+    """Write what a set generated: an image grid in the data's shape and colour (a row per class,
+    at most 10 columns), the text for text."""
     if "samples" in res:
-        shown = min(cfg.sample.per_class, 10)
-        per_class = res["samples"].reshape(10, cfg.sample.per_class, *res["samples"].shape[1:])[:, :shown]
-        return save_grid(per_class.flatten(0, 1), out / model / "samples.png", columns=shown)
+        samples, per = res["samples"], cfg.sample.per_class
+        shown = min(per, 10)
+        rows = samples.reshape(len(samples) // per, per, *samples.shape[1:])[:, :shown]
+        return save_grid(rows.flatten(0, 1), out / model / "samples.png", columns=shown)
     if "sample_text" in res:
         path = out / model / "sample.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +302,11 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with services(cfg, out) as (store, tracker, storage), contextlib.ExitStack() as stack:
-        manifest = resume_run(cfg, store, tracker) if cfg.resume else new_run(cfg, store, tracker, storage)
+        if cfg.resume:
+            store.manifest(cfg.resume)  # a run that is not there fails here, before the data is read
+        cfg, data = open_data(cfg, storage)
+        log.info("data %s: %s (content hash %s)", data.root, data.card.describe(), data.card.content_hash[:12])
+        manifest = resume_run(cfg, store, tracker) if cfg.resume else new_run(cfg, store, tracker, storage, data)
         workers = make_workers(cfg)
         stack.callback(workers.shutdown)
         run_id = manifest.run_id
@@ -282,7 +323,7 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
             t0 = time.perf_counter()
             train(cfg, manifest, store, tracker, workers, jobs)
             train_seconds = time.perf_counter() - t0
-            register(manifest, store, tracker, storage, jobs)
+            register(manifest, store, tracker, storage, jobs, data)
             results = {}
             if set(manifest.registered) == set(manifest.jobs):
                 results = evaluate_sets(cfg, manifest, tracker, workers, out)

@@ -1,6 +1,7 @@
 """``dblocks-sample`` / ``python -m coordinator.sample [alias=champion] [out=grid.png] [experiment=...]``:
-load the registered blocks of one alias into a sampler, sample a 10 x 10 grid (row = class), write
-it as a PNG and log it to the run that trained the blocks."""
+load the registered blocks of one alias into a sampler, sample a grid in the data's shape and colour
+(10 per class, a row per class, the first 10 classes; unlabelled data: 10 x 10 unconditional samples),
+write it as a PNG and log it to the run that trained the blocks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dblocks.config import ConfigError
+from dblocks.families.dit import sample_labels
 from worker.config import config_dir, load_command, register
 
 from .__main__ import fail, setup_logging
@@ -39,7 +41,8 @@ def _main(cfg: DictConfig) -> None:
         workers = make_workers(run_cfg)
         try:
             (call,) = workers.samplers([(uri, prefix, args["alias"])])
-            labels = [c for c in range(10) for _ in range(10)]
+            num_classes = workers.get(call("info", ()))["num_classes"]
+            labels = sample_labels(min(num_classes, 10), 10, null_label=num_classes).tolist()
             samples = workers.get(call("sample", (labels, dataclasses.asdict(run_cfg.sample), run_cfg.seed)))
         finally:
             workers.shutdown()

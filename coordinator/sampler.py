@@ -16,6 +16,7 @@ from dblocks.build import export_levels
 from dblocks.config import SampleConfig
 from dblocks.families import get_family
 from worker.config import load_run_config
+from worker.dataset import open_dataset
 
 from .tracking import load_registered_block, registry_versions
 
@@ -74,6 +75,7 @@ class Sampler:
             "versions": self.versions,
             "plan_hash": self.meta["plan_hash"],
             "ranges": [(s.lo, s.hi) for s in self.plan],
+            "num_classes": getattr(self.nets[0].cfg, "num_classes", None),  # image families: 0 = unlabelled
         }
 
     def sample(self, labels: list[int], sample: dict, seed: int = 0) -> np.ndarray:
@@ -84,7 +86,9 @@ class Sampler:
         ).numpy()
 
     def evaluate(self, config: dict) -> dict:
-        """The family's metrics for this set (``config``: the run's RunConfig as a dict)."""
+        """The family's metrics for this set on the run's held-out data (``config``: the run's
+        RunConfig as a dict, ``data.path`` set to its prepared dataset)."""
         cfg = load_run_config(config)
-        res = cfg.family.evaluate(self.nets, self.plan, cfg, baseline=self.meta.get("baseline", False))
+        data = open_dataset(cfg.data.path)
+        res = cfg.family.evaluate(self.nets, self.plan, cfg, data, baseline=self.meta.get("baseline", False))
         return {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in res.items()}

@@ -22,7 +22,7 @@ from .families import FAMILIES, Family, get_family
 from .families.dit import chain, dit_loss, generate
 from .levels import Levels, SigmaLevels, TimeLevels
 from .loss import weighted_ce, weighted_l2
-from .metrics import DigitsClassifier, frechet_distance, heldout_loss, train_digits_classifier
+from .metrics import ImageClassifier, frechet_distance, heldout_loss, train_classifier
 from .models.dit import DIT_SIZES, DiTBlock, DiTConfig, dit_config
 from .noise import (
     block_range,

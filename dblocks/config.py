@@ -186,17 +186,21 @@ def __getattr__(name: str):
 # ---- data, training, sampling ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "digits"  # a DataSource; must be the family's (Family.data)
-    test_size: int = 360  # digits: the fixed held-out images (text: 2% validation + 2% test, fixed)
-    split_seed: int = 0
-    shards: int = 2  # parquet shards of the train split; work units cycle over them
+    """What the blocks train on: a prepared dataset (``dblocks-data``, README "Your own data"), or a
+    built-in set that the run prepares into its storage on first use with the same command."""
+
+    source: str = "digits"  # a DataSource (built-in set) used when ``path`` is None; must be the family's
+    path: str | None = None  # a prepared dataset: local path or pyarrow.fs URI (its card.json sets the shapes)
 
     def __post_init__(self) -> None:
         _set_enum(self, "data.source", DataSource)
-        if not 0 < self.test_size < 1797:
-            raise ConfigError(f"data.test_size={self.test_size}: must be in 1..1796")
-        if self.shards < 1:
-            raise ConfigError(f"data.shards={self.shards}: must be an integer >= 1")
+        if self.path is not None and not str(self.path).strip():
+            raise ConfigError("data.path='': give the URI of a prepared dataset, or leave it unset (null)")
+
+    @property
+    def name(self) -> str:
+        """How messages name the data: ``data.path=<uri>`` or ``data=<source>``."""
+        return f"data.path={self.path}" if self.path else f"data={self.source}"
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ def resolve_device(name: str) -> torch.device:
 @dataclass(frozen=True)
 class SampleConfig:
     steps: int = 50  # grid points (each is one denoiser call)
-    guidance: float = 1.5  # classifier-free guidance scale; 1 = none
+    guidance: float | None = None  # classifier-free guidance scale; 1 = none; None: 1.5 (1 on unlabelled data)
     per_class: int = 50  # class-conditional samples per class for the metrics
     grid: str = "auto"  # a Grid: auto | cdf | karras
 
@@ -264,6 +268,12 @@ class SampleConfig:
         if self.per_class < 1:
             raise ConfigError(f"sample.per_class={self.per_class}: must be >= 1")
         _set_enum(self, "sample.grid", Grid)
+
+    def guidance_scale(self, labelled: bool) -> float:
+        """The guidance to sample with: ``guidance``, or 1.5 on labelled data and 1 (none) on unlabelled."""
+        if self.guidance is not None:
+            return self.guidance
+        return 1.5 if labelled else 1.0
 
 
 # ---- the system around the library: plain data here, used by coordinator/ and worker/ ----------
@@ -338,7 +348,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         family = self.family
-        if self.data.source != family.data:
+        if self.data.path is None and self.data.source != family.data:
             raise ConfigError(
                 f"model.family={family.name} trains on data={family.data}, not data={self.data.source}: "
                 f"add data={family.data} (or use experiment={family.name}_{family.data})"

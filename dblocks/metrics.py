@@ -1,11 +1,11 @@
-"""Evaluation: held-out weighted denoising loss, Frechet distance, and a digits classifier.
+"""Evaluation: held-out weighted denoising loss, Frechet distance, and a classifier that judges samples.
 
 - ``heldout_loss``: the training objective (Eq. 6) on test data, sigma drawn from a fixed
   generator, over the whole density or one block's range.
 - ``frechet_distance``: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) between two sets of
   vectors (Heusel et al. 2017), with ``eps * I`` added to both covariances: 8x8 digits have
   constant corner pixels, so the raw pixel covariance is singular.
-- ``DigitsClassifier``: a small CNN trained deterministically on the train split; its
+- ``ImageClassifier``: a small CNN trained deterministically on the train split; its
   penultimate features give the feature-space FD, its predictions the accuracy of
   class-conditional samples.
 """
@@ -63,15 +63,19 @@ def heldout_loss(
     return total / repeats
 
 
-class DigitsClassifier(nn.Module):
-    """Small CNN for 8x8 digits in [-1, 1]: two 3x3 convs, a pool, a 128-d feature layer."""
+class ImageClassifier(nn.Module):
+    """Small CNN for images in [-1, 1] (8x8 digits by default): two 3x3 convs, a pool, a 128-d feature layer."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: tuple[int, int] = (8, 8)):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
-        self.fc = nn.Linear(64 * 4 * 4, 128)
+        self.fc = nn.Linear(64 * (size[0] // 2) * (size[1] // 2), 128)
         self.out = nn.Linear(128, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,15 +85,24 @@ class DigitsClassifier(nn.Module):
         return self.out(self.features(x))
 
 
-def train_digits_classifier(
-    images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 12, batch_size: int = 64
-) -> DigitsClassifier:
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int = 10,
+    channels: int = 1,
+    size: tuple[int, int] = (8, 8),
+    seed: int = 0,
+    epochs: int = 12,
+    batch_size: int = 64,
+) -> ImageClassifier:
     """Deterministic training (fixed seed for init, batches and augmentation noise).
 
     Light Gaussian pixel noise (std 0.1) makes it robust to the small imperfections of samples.
     """
+    batch_size = max(1, min(batch_size, len(labels)))
     with seeded(seed):
-        model = DigitsClassifier()
+        model = ImageClassifier(num_classes, channels, size)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * (len(labels) // batch_size))
@@ -108,5 +121,5 @@ def train_digits_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (model(images).argmax(1) == labels).float().mean().item()

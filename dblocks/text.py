@@ -20,10 +20,13 @@ from pathlib import Path
 
 import torch
 
+from .datacard import SplitSource, Vocabulary
+
 VOCAB = "\n !\"&'()*,-./0123456789:;?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz{}"
 VOCAB_SIZE = len(VOCAB)  # 84
 CHUNK = 4096
 CHAMPION_MAX_BPC = 3.5  # a text model at or below this many bits per character earns ``champion``
+SHAKESPEARE = Vocabulary(VOCAB)
 _LOOKUP = torch.full((128,), -1, dtype=torch.int64)  # code point -> id (-1: not in VOCAB)
 _LOOKUP[[ord(c) for c in VOCAB]] = torch.arange(len(VOCAB))
 
@@ -72,6 +75,18 @@ class TextSplit:
     train: torch.Tensor  # (N, seq_len + 1) int64 windows
     val: torch.Tensor
     test: torch.Tensor
+    vocab: Vocabulary = SHAKESPEARE  # ids <-> characters
+
+    @property
+    def prompt(self) -> str:
+        """What generation starts from: the first 8 characters of the first validation window."""
+        return self.vocab.decode(self.val[0, :8].tolist())
+
+
+def text_split(data: SplitSource, seq_len: int) -> TextSplit:
+    """A prepared text dataset's validation and test windows for context ``seq_len`` (no train rows)."""
+    (val,), (test,) = data.split("validation", seq_len=seq_len), data.split("test", seq_len=seq_len)
+    return TextSplit(val[:0], val, test, Vocabulary.of(data.card))
 
 
 def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -90,6 +105,20 @@ def load_text_split(seq_len: int = 64, split_seed: int = 0, held_out: float = 0.
     chunks = list(ids.split(CHUNK))
     parts = split_chunks(len(chunks), split_seed, held_out)
     return TextSplit(**{name: torch.cat([windows(chunks[i], seq_len) for i in idx]) for name, idx in parts.items()})
+
+
+def shakespeare_data(split_seed: int = 0, held_out: float = 0.02):
+    """The corpus as a TensorData (dblocks.data) of chunks: the split ``dblocks-data input=builtin:shakespeare``
+    prepares, held in memory (for pure-library code: benchmarks, tests)."""
+    from .data import TensorData, memory_card
+
+    chunks = list(encode(load_corpus()).split(CHUNK))
+    parts = split_chunks(len(chunks), split_seed, held_out)
+    splits = {"train": parts["train"], "validation": parts["val"], "test": parts["test"]}
+    splits = {k: [chunks[i] for i in idx] for k, idx in splits.items()}
+    rows = {k: len(v) for k, v in splits.items()}
+    card = memory_card("text", f"shakespeare-{split_seed}", rows, vocabulary=VOCAB, chunk=CHUNK)
+    return TensorData(card, splits)
 
 
 def split_chunks(num_chunks: int, split_seed: int = 0, held_out: float = 0.02) -> dict[str, list[int]]:

@@ -368,7 +368,7 @@ def test_evaluate_at_init_has_closed_form_metrics():
     for key in ("val_ce", "val_ce_sigma_max", "val_ce_next_head"):
         assert m[key] == pytest.approx(LN_K, rel=1e-6)
     assert m["val_accuracy"] == pytest.approx((split.val[:4, 1:] == 0).double().mean().item(), abs=1e-12)
-    assert m["sample_text"] == "ROMEO:\n" + "\n" * 3
+    assert m["sample_text"] == split.prompt + "\n" * 3  # greedy from the first validation characters
     lm = build_ar(cfg, _spec(num_layers=cfg.layers), baseline=True, seed=0)
     mb = evaluate_ar([lm], [_spec(num_layers=cfg.layers)], split, LEVELS, baseline=True, windows=4, sample_chars=2)
     assert set(mb) == {"val_ce", "val_accuracy", "sample_text"} and mb["val_ce"] == pytest.approx(LN_K, rel=1e-6)

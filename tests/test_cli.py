@@ -130,3 +130,14 @@ def test_the_debug_run_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out_dir / "mlflow.db").is_file()
     assert (out_dir / "metrics.json").is_file()
+
+
+def test_data_prepares_a_built_in_set_and_names_a_bad_input(tmp_path):
+    out = cli("dblocks-data", "input=builtin:digits", f"output={tmp_path / 'digits'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "images 1x8x8, 10 classes, 1437 train / 360 test" in out.stdout
+    assert (tmp_path / "digits" / "card.json").exists() and not (tmp_path / "outputs").exists()
+    line = one_line_error(
+        cli("dblocks-data", f"input={tmp_path / 'missing'}", f"output={tmp_path / 'x'}", cwd=tmp_path)
+    )
+    assert "missing" in line and not (tmp_path / "x").exists()

@@ -214,7 +214,7 @@ def test_metrics_are_forwarded_to_each_jobs_tracker_run_once():
 
 def test_real_block_workers_train_inline_end_to_end_through_the_controller(tmp_path):
     """Two debug-DiT blocks, 2 units of 10 steps each, trained by real BlockWorkers in this process."""
-    from coordinator.run import new_run, register
+    from coordinator.run import new_run, open_data, register
     from coordinator.workers import InlineWorkers
     from dblocks.checkpoint import load_checkpoint
     from worker.block_worker import checkpoint_rel, export_rel
@@ -235,13 +235,14 @@ def test_real_block_workers_train_inline_end_to_end_through_the_controller(tmp_p
         }
     )
     store, tracker, storage = MemoryStore(), NullTracker(), Storage(str(tmp_path / "storage"))
-    manifest = new_run(cfg, store, tracker, storage)
+    cfg, data = open_data(cfg, storage)
+    manifest = new_run(cfg, store, tracker, storage, data)
     workers = InlineWorkers(cfg)
     workers.attach(store, manifest.run_id)
     policy = FailurePolicy(cfg.workers.max_restarts, cfg.workers.lease_seconds)
     jobs = list(manifest.jobs)
     Controller(manifest, store, workers, tracker, policy, jobs).run(timeout=0)
-    register(manifest, store, tracker, storage, jobs)
+    register(manifest, store, tracker, storage, jobs, data)
     for job in jobs:
         p = store.progress(manifest.run_id, job)
         assert p["state"] == "done" and p["consumer"] == f"inline-{job}" and p["units_done"] == "2"

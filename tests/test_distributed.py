@@ -19,6 +19,7 @@ import redis
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from services import ROOT, error_lines, run_cli, service_stack
 
 from dblocks.checkpoint import load_checkpoint
 from dblocks.families import get_family
@@ -28,8 +29,6 @@ from dblocks.plan import make_plan
 from worker.block_worker import checkpoint_rel, export_rel
 from worker.record import JobId
 from worker.store import RedisStore, keys
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # 4 units per block. 200 steps (a few seconds of training) so that the three actors' training
 # overlaps by more than their start-up skew (test_blocks_trained_concurrently_on_their_own_actors).
@@ -58,19 +57,10 @@ LONG = [
 ]
 
 
-def run_cli(module: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
     """Services shared by this module: one Redis db, one MLflow store."""
-    base = tmp_path_factory.mktemp("stack")
-    url = f"redis://127.0.0.1:{redis_server.port}/0"
-    redis.Redis.from_url(url).flushdb()
-    return {"redis": url, "mlflow": f"sqlite:///{base}/mlflow.db", "base": base}
+    return service_stack(redis_server, tmp_path_factory.mktemp("stack"), db=0)
 
 
 def services(stack, name: str) -> list[str]:
@@ -326,7 +316,7 @@ def test_bad_addresses_runs_and_blocks_fail_in_one_line(module, overrides, says,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
+    lines = error_lines(proc)  # one line, after the progress log (if any)
     assert len(lines) == 1 and says.replace("RUN", run) in lines[0], proc.stderr[-2000:]
 
 
@@ -341,7 +331,7 @@ def test_bad_addresses_runs_and_blocks_fail_in_one_line(module, overrides, says,
         ("model.size=huge", "model.size"),
         ("blocks.partition=linear", "blocks.partition"),
         ("workers.backend=spark", "workers.backend"),
-        ("data.shards=100", "train.batch_size"),  # 14 rows per shard < batch 64
+        ("train.batch_size=5000", "train.batch_size"),  # the digits have 1437 training rows
     ],
 )
 def test_bad_config_fails_at_start_with_one_line_naming_the_field(override, field, tmp_path):
@@ -354,7 +344,7 @@ def test_bad_config_fails_at_start_with_one_line_naming_the_field(override, fiel
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
+    lines = error_lines(proc)
     assert len(lines) == 1 and field in lines[0], proc.stderr
     assert not (tmp_path / "out" / "storage" / "runs").exists()
 

@@ -37,9 +37,9 @@ def _run(name: str, **train):
 def _batch(run) -> tuple:
     """A small fixed batch of the family's data: (images, labels) or (token windows,)."""
     if run.family.data == "digits":
-        split = load_digits_split(run.data.test_size, run.data.split_seed)
+        split = load_digits_split()
         return split.train_x[:N], split.train_y[:N]
-    return (load_text_split(run.model.resolved().seq_len, run.data.split_seed).train[:N],)
+    return (load_text_split(run.model.resolved().seq_len).train[:N],)
 
 
 def _weight(sigma: torch.Tensor) -> torch.Tensor:

@@ -86,12 +86,18 @@ def test_importing_the_library_loads_no_service_package():
 
 
 # Each service is adapted in a few files of coordinator/ and worker/ (issue: distributed trainer).
-HYDRA = {"coordinator/__main__.py", "coordinator/sample.py", "worker/__main__.py", "worker/config.py"}
+HYDRA = {
+    "coordinator/__main__.py",
+    "coordinator/data.py",
+    "coordinator/sample.py",
+    "worker/__main__.py",
+    "worker/config.py",
+}
 ADAPTERS = {
     "ray": {"coordinator/workers.py"},
     "redis": {"worker/store.py", "coordinator/redis_server.py"},  # the run store; the embedded server
     "mlflow": {"coordinator/tracking.py", "coordinator/pyfunc_block.py"},
-    "pyarrow": {"worker/storage.py", "worker/shards.py"},
+    "pyarrow": {"worker/storage.py", "worker/dataset.py"},
     "hydra": HYDRA,
     "omegaconf": HYDRA,
 }

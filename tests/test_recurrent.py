@@ -327,4 +327,4 @@ def test_short_training_lowers_both_losses_and_evaluates():
     for m in results.values():
         assert math.isfinite(m["val_loss"]) and m["val_bpc"] == pytest.approx(m["val_loss"] / math.log(2))
         assert 1 / VOCAB_SIZE < m["val_accuracy"] <= 1.0
-        assert m["sample_text"].startswith("ROMEO:\n") and len(m["sample_text"]) == len("ROMEO:\n") + 12
+        assert m["sample_text"].startswith(split.prompt) and len(m["sample_text"]) == len(split.prompt) + 12

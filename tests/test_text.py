@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -23,8 +19,6 @@ from dblocks.text import (
     windows,
 )
 from worker.config import load_run_config
-from worker.shards import ShardError, read_shard, read_text_shard, write_text_shards
-from worker.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -75,30 +69,6 @@ def test_split_is_fixed_disjoint_and_covers_the_corpus(corpus, split):
     ids = encode(corpus)
     first = parts["test"][0]
     assert torch.equal(split.test[0], ids[first * CHUNK : first * CHUNK + 65])
-
-
-def test_text_shards_round_trip_and_bad_rows_are_named(tmp_path, split):
-    st = Storage(str(tmp_path))
-    shards = write_text_shards(st, "data/t", split.val, 3, vocab_size=VOCAB_SIZE)
-    assert [s.rows for s in shards] == [525, 525, 525]
-    back = torch.cat([read_text_shard(st, s.path) for s in shards])
-    assert torch.equal(back, split.val)
-    (cols,) = [read_shard(st, shards[0].path)]
-    assert len(cols) == 1 and torch.equal(cols[0], split.val[:525])
-
-    ids = split.val[:10].clone().numpy().astype("int32")
-    ids[7, 3] = 99
-    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), 65)})
-    buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata({b"vocab_size": b"84"}), buf)
-    st.write_bytes("bad.parquet", buf.getvalue())
-    with pytest.raises(ShardError, match=r"bad.parquet row 7: token id 99 not in 0..83"):
-        read_text_shard(st, "bad.parquet")
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    st.write_bytes("nometa.parquet", buf.getvalue())
-    with pytest.raises(ShardError, match="nometa.parquet: schema metadata needs 'vocab_size'"):
-        read_shard(st, "nometa.parquet")
 
 
 def test_a_family_needs_its_data_source():

@@ -1,11 +1,7 @@
-"""Work units (pure) and parquet shards: counts, seeds, determinism, and bad data named by shard and row."""
+"""Work units (pure): counts, seeds, determinism; storage; a worker killed mid-block resumes bit-exactly."""
 
 from __future__ import annotations
 
-import io
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,7 +10,6 @@ from dblocks.data import load_digits_split
 from dblocks.units import Shard, apply_unit, make_units, unit_batches
 from worker.config import load_run_config
 from worker.record import JobId
-from worker.shards import ShardError, read_image_shard, write_image_shards
 from worker.storage import Storage, StorageError
 from worker.store import MemoryStore
 
@@ -83,17 +78,6 @@ def digits():
     return load_digits_split()
 
 
-def test_shards_round_trip_exactly_and_are_not_rewritten(tmp_path, digits):
-    st = Storage(str(tmp_path))
-    shards = write_image_shards(st, "data/d", digits.train_x, digits.train_y, 3, num_classes=10)
-    assert [s.rows for s in shards] == [479, 479, 479] and sum(s.rows for s in shards) == 1437
-    xs, ys = zip(*(read_image_shard(st, s.path) for s in shards))
-    assert torch.equal(torch.cat(xs), digits.train_x) and torch.equal(torch.cat(ys), digits.train_y)
-    mtime = (tmp_path / shards[0].path).stat().st_mtime_ns
-    write_image_shards(st, "data/d", digits.train_x, digits.train_y, 3, num_classes=10)
-    assert (tmp_path / shards[0].path).stat().st_mtime_ns == mtime
-
-
 def test_storage_takes_file_uris_like_paths(tmp_path):
     st = Storage(tmp_path.as_uri())
     st.write_bytes("a/b.bin", b"xyz")
@@ -103,53 +87,20 @@ def test_storage_takes_file_uris_like_paths(tmp_path):
         st.read_bytes("missing")
 
 
-def _write(st, rel, table):
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    st.write_bytes(rel, buf.getvalue())
-
-
-def test_bad_rows_fail_with_the_shard_and_the_row(tmp_path, digits):
-    st = Storage(str(tmp_path))
-    (shard,) = write_image_shards(st, "d", digits.train_x[:10], digits.train_y[:10], 1, num_classes=10)
-    table = pq.read_table(io.BytesIO(st.read_bytes(shard.path)))
-    meta = table.schema.metadata
-    labels = table.column("label").to_pylist()
-    labels[7] = 12
-    _write(
-        st,
-        "bad-label.parquet",
-        table.set_column(1, "label", pa.array(labels, pa.int64())).replace_schema_metadata(meta),
-    )
-    with pytest.raises(ShardError, match=r"bad-label.parquet row 7: label 12 not in 0..9"):
-        read_image_shard(st, "bad-label.parquet")
-    pixels = table.column("pixels").to_pylist()
-    pixels[3][5] = float("nan")
-    col = pa.FixedSizeListArray.from_arrays(pa.array(sum(pixels, []), pa.float32()), 64)
-    _write(st, "bad-pixel.parquet", table.set_column(0, "pixels", col).replace_schema_metadata(meta))
-    with pytest.raises(ShardError, match=r"bad-pixel.parquet row 3: pixels must be finite"):
-        read_image_shard(st, "bad-pixel.parquet")
-    _write(st, "no-label.parquet", table.drop_columns(["label"]))
-    with pytest.raises(ShardError, match="no-label.parquet: missing column 'label'"):
-        read_image_shard(st, "no-label.parquet")
-    st.write_bytes("junk.parquet", b"not parquet")
-    with pytest.raises(ShardError, match="junk.parquet: not a readable parquet file"):
-        read_image_shard(st, "junk.parquet")
-
-
 class CrashingStore(MemoryStore):
-    """A MemoryStore that kills its worker once: when unit ``deliver`` is handed out, or at its first ``ack``."""
+    """A MemoryStore that kills its worker once: right after its ``applied``-th unit application
+    (the worker counts each in ``units_applied``), or at its first ``ack``."""
 
-    def __init__(self, deliver: int | None = None, ack: bool = False):
+    def __init__(self, applied: int | None = None, ack: bool = False):
         super().__init__()
-        self.deliver, self.crash_on_ack = deliver, ack
+        self.applied, self.crash_on_ack = applied, ack
 
-    def next_units(self, run, job, consumer, count=1, block_ms=1000):
-        got = super().next_units(run, job, consumer, count, block_ms)
-        if got and got[0][1].seq == self.deliver:
-            self.deliver = None
+    def incr(self, run, job, field, by=1):
+        n = super().incr(run, job, field, by)
+        if field == "units_applied" and n == self.applied:
+            self.applied = None
             raise RuntimeError("worker killed")
-        return got
+        return n
 
     def ack(self, run, job, ids):
         if self.crash_on_ack:
@@ -161,7 +112,7 @@ class CrashingStore(MemoryStore):
 def _train_block(tmp_path, store: MemoryStore) -> tuple[dict, dict, dict]:
     """Block 1 of a 2-block debug DiT run (4 units of 10 steps, a checkpoint every 20 steps) trained
     by BlockWorkers on ``store``, a fresh worker after each crash; (export, checkpoint, progress)."""
-    from coordinator.run import new_run
+    from coordinator.run import new_run, open_data
     from coordinator.tracking import NullTracker
     from dblocks.checkpoint import load_checkpoint
     from worker.block_worker import BlockWorker, checkpoint_rel, export_rel
@@ -177,7 +128,8 @@ def _train_block(tmp_path, store: MemoryStore) -> tuple[dict, dict, dict]:
         }
     )
     storage = Storage(str(tmp_path / "storage"))
-    run = new_run(cfg, store, NullTracker(), storage).run_id
+    cfg, data = open_data(cfg, storage)
+    run = new_run(cfg, store, NullTracker(), storage, data).run_id
     job = JobId("blocks", 1)
     for attempt in range(3):
         try:
@@ -190,7 +142,7 @@ def _train_block(tmp_path, store: MemoryStore) -> tuple[dict, dict, dict]:
     return export, ckpt, store.progress(run, job)
 
 
-@pytest.mark.parametrize("crash", [{"deliver": 3}, {"ack": True}], ids=["unit-3-delivered", "before-first-ack"])
+@pytest.mark.parametrize("crash", [{"applied": 3}, {"ack": True}], ids=["unit-2-applied", "before-first-ack"])
 def test_a_worker_killed_mid_block_resumes_bit_exactly(tmp_path, crash):
     """Killed with unit 2 applied past its checkpoint (unit 2 is applied again), or between the
     checkpoint and its ack (units 0, 1 are skipped): the next worker's block equals an
@@ -200,7 +152,7 @@ def test_a_worker_killed_mid_block_resumes_bit_exactly(tmp_path, crash):
     (resumed, rmeta), (rckpt, rckpt_meta), rp = _train_block(tmp_path / "crash", CrashingStore(**crash))
     assert rp["state"] == "done" and rp["consumer"] == "w1"
     # units_applied counts after the ack: unit 2 twice (5), or unit 1's count lost with the ack (3)
-    assert rp["units_applied"] == ("5" if "deliver" in crash else "3")
+    assert rp["units_applied"] == ("5" if "applied" in crash else "3")
     assert rmeta == meta and meta["plan_hash"] and rckpt_meta == ckpt_meta
     for ours, theirs in ((resumed, straight), (rckpt, ckpt)):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -217,7 +169,7 @@ class CountingStore(MemoryStore):
 
 
 def test_a_worker_heartbeats_between_steps_when_a_unit_outlasts_a_third_of_its_lease(tmp_path):
-    from coordinator.run import new_run
+    from coordinator.run import new_run, open_data
     from coordinator.tracking import NullTracker
     from worker.block_worker import BlockWorker
 
@@ -226,7 +178,9 @@ def test_a_worker_heartbeats_between_steps_when_a_unit_outlasts_a_third_of_its_l
     slow, quick = CountingStore(), CountingStore()
     for store, lease in ((slow, 3e-4), (quick, 600.0)):  # a third of the lease: shorter / longer than a step
         cfg = load_run_config({**d, "train": train, "workers": {"lease_seconds": lease}})
-        run = new_run(cfg, store, NullTracker(), Storage(str(tmp_path / "storage"))).run_id
+        storage = Storage(str(tmp_path / "storage"))
+        cfg, data = open_data(cfg, storage)
+        run = new_run(cfg, store, NullTracker(), storage, data).run_id
         BlockWorker(store, run, JobId("blocks", 0), consumer="w").run()
         assert store.progress(run, JobId("blocks", 0))["state"] == "done"
     assert slow.beats >= 10 and quick.beats == 0

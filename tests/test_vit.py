@@ -71,7 +71,7 @@ def _weight(sigma):
 
 # ---- config ---------------------------------------------------------------------------------------
 def test_size_registry_and_validation():
-    assert set(VIT_SIZES) == {"debug", "tiny"}
+    assert set(VIT_SIZES) == {"debug", "tiny", "s4"}
     d, t = vit_config("debug"), vit_config("tiny")
     assert (d.width, d.heads, d.layers, d.freq_dim) == (32, 2, 6, 32)
     assert (t.width, t.heads, t.layers, t.freq_dim, t.patch, t.mlp_ratio) == (64, 4, 12, 64, 2, 4.0)

@@ -15,14 +15,14 @@ import hydra
 from omegaconf import DictConfig
 
 from dblocks.config import ConfigError
+from dblocks.datacard import DataError
 
 from .config import config_dir, load_command, register
 from .record import JobId
-from .shards import ShardError
 from .storage import StorageError
 from .store import StoreError
 
-USER_ERRORS = (ConfigError, StoreError, StorageError, ShardError)
+USER_ERRORS = (ConfigError, StoreError, StorageError, DataError)
 
 
 def join(block: int, run_id: str, redis_url: str) -> None:

@@ -34,8 +34,9 @@ from dblocks.trainer import BlockTrainer
 from dblocks.units import WorkUnit, apply_unit
 
 from .config import load_run_config
+from .dataset import open_dataset
+from .prefetch import RowPrefetcher
 from .record import Job, JobId, Manifest
-from .shards import read_shard
 from .storage import Storage
 from .store import RunStore, StoreError, open_store
 
@@ -110,6 +111,7 @@ class BlockWorker:
         self.store, self.run_id, self.consumer = store, run_id, consumer
         self.job = job if isinstance(job, JobId) else JobId.parse(job)
         self.trainer: BlockTrainer | None = None
+        self._reader: RowPrefetcher | None = None
 
     # Ray calls these as actor methods; nothing here knows about Ray.
     def pid(self) -> int:
@@ -136,6 +138,8 @@ class BlockWorker:
             store.report(self.run_id, self.job, state="failed", error=f"{type(e).__name__}: {e}"[:500])
             raise
         finally:
+            if self._reader is not None:  # its thread may be reading the next unit's rows
+                self._reader.close()
             store.release(self.run_id, self.job, self.consumer)
 
     def _run(self, store: RunStore, manifest: Manifest, info: Job) -> dict:
@@ -185,15 +189,17 @@ class BlockWorker:
         heartbeat.report(
             state="training", units_done=len(applied), samples=trainer.samples, started_at=time.time(), **common
         )
-        edges = cfg.levels.bucket_edges(spec.train_lo, spec.train_hi, SIGMA_BUCKETS)
         beating = _BeatingTrainer(trainer, heartbeat)
-        shards: dict[str, tuple[torch.Tensor, ...]] = {}
+        seq_len = cfg.model.resolved().seq_len if cfg.family.kind == "text" else None
+        reader = self._reader = RowPrefetcher(open_dataset(cfg.data.path), seq_len=seq_len, pin=device.type == "cuda")
+        edges = cfg.levels.bucket_edges(spec.train_lo, spec.train_hi, SIGMA_BUCKETS)
         unacked: list[str] = []
         last_ckpt_step = trainer.step_count
         queue = store.claim_pending(run, job, self.consumer)
         while len(applied) < total:
-            if not queue:
-                queue = store.next_units(run, job, self.consumer, count=1, block_ms=max(1, int(min(ttl / 3, 2) * 1000)))
+            if len(queue) < 2:  # the unit to train and the next one, whose rows are read meanwhile
+                block_ms = 1 if queue else max(1, int(min(ttl / 3, 2) * 1000))
+                queue += store.next_units(run, job, self.consumer, count=2 - len(queue), block_ms=block_ms)
                 if not queue:  # nothing new yet: stay alive
                     heartbeat.report(state="waiting")
                     continue
@@ -204,7 +210,10 @@ class BlockWorker:
             if unit.seq > len(applied):
                 raise StoreError(f"{job}: unit {len(applied)} is missing from the queue (got unit {unit.seq})")
             t0 = time.perf_counter()
-            metrics = self._apply(beating, unit, storage, shards, edges)
+            rows = reader.rows(unit)
+            if queue:
+                reader.prefetch(queue[0][1])
+            metrics = self._apply(beating, unit, rows, edges)
             dt = time.perf_counter() - t0
             applied.append(unit.seq)
             unacked.append(msg_id)
@@ -243,10 +252,7 @@ class BlockWorker:
             "pid": os.getpid(),
         }
 
-    def _apply(self, trainer, unit: WorkUnit, storage: Storage, shards: dict, edges: torch.Tensor) -> dict:
-        if unit.shard not in shards:
-            shards[unit.shard] = read_shard(storage, unit.shard)
-        rows = tuple(c[unit.row_start : unit.row_end] for c in shards[unit.shard])
+    def _apply(self, trainer, unit: WorkUnit, rows: tuple[torch.Tensor, ...], edges: torch.Tensor) -> dict:
         steps = apply_unit(trainer, unit, rows)
         level, losses = torch.cat([s["sigma"] for s in steps]), torch.cat([s["losses"] for s in steps])
         return {

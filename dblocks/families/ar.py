@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..datacard import Vocabulary
 from ..levels import SigmaLevels
 from ..loss import weighted_ce
 from ..models.ar import AR_SIZES, ARBaseline, ARBlock, ARConfig, build_ar
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
-from ..text import CHAMPION_MAX_BPC, TextSplit, decode, encode, load_text_split, next_token_pairs
+from ..text import CHAMPION_MAX_BPC, SHAKESPEARE, TextSplit, next_token_pairs, text_split
 from .base import Family, Headline, Row
 from .discrete import ChainLogits, DiscreteDenoiser, chain_logits
 
@@ -99,6 +100,7 @@ def generate_ar(
     *,
     baseline: bool,
     seed: int = 0,
+    vocab: Vocabulary = SHAKESPEARE,
 ) -> str:
     """Greedy decoding: prompt + ``num_chars`` characters (context cropped to the last seq_len).
 
@@ -111,7 +113,7 @@ def generate_ar(
     for net in nets:
         net.eval()
     device, cfg = _device(nets), nets[0].cfg
-    ids = encode(prompt).to(device)
+    ids = vocab.encode(prompt).to(device)
     g = torch.Generator().manual_seed(seed)
     denoisers = [ar_denoiser(net, levels.sigma_data) for net in nets] if not baseline else []
     for _ in range(num_chars):
@@ -122,7 +124,7 @@ def generate_ar(
             z = levels.sigma_max * torch.randn(1, 1, cfg.width, generator=g).to(device)
             logits = _chain(denoisers, plan, ctx, z, levels).final[:, -1]
         ids = torch.cat([ids, logits.argmax(-1)])
-    return decode(ids.tolist())
+    return vocab.decode(ids.tolist())
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -137,14 +139,13 @@ def evaluate_ar(
     seed: int = 0,
     windows: int = 256,
     batch_size: int = 64,
-    prompt: str = "ROMEO:\n",
     sample_chars: int = 200,
 ) -> dict:
     """Teacher-forced metrics on the first ``windows`` validation windows, all positions in parallel.
 
     val_ce (nats/char) and val_accuracy from the final call's logits (at sigma_min) after the
     B-step chain from seeded noise (baseline: the LM's logits); val_ce_sigma_max from block 0's
-    logits at sigma_max; with the mixed head, val_ce_next_head; and sample_text from ``prompt``.
+    logits at sigma_max; with the mixed head, val_ce_next_head; and sample_text from the split's ``prompt``.
     """
     for net in nets:
         net.eval()
@@ -171,7 +172,8 @@ def evaluate_ar(
         sums["val_ce"] += next_token_ce(final, yb).sum().item()
         sums["val_accuracy"] += (final.argmax(-1) == yb).double().mean(1).sum().item()
     out: dict = {k: v / len(x) for k, v in sums.items()}
-    out["sample_text"] = generate_ar(nets, plan, levels, prompt, sample_chars, baseline=baseline, seed=seed)
+    gen = dict(baseline=baseline, seed=seed, vocab=split.vocab)
+    out["sample_text"] = generate_ar(nets, plan, levels, split.prompt, sample_chars, **gen)
     return out
 
 
@@ -179,6 +181,7 @@ def evaluate_ar(
 class AR(Family):
     name = "ar"
     data = "text"
+    kind = "text"
     config = ARConfig
     sizes = AR_SIZES
     rows = (
@@ -193,8 +196,8 @@ class AR(Family):
     make_denoiser = staticmethod(ar_denoiser)
     baseline_loss = staticmethod(ar_baseline_loss)
 
-    def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
+    def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
         """evaluate_ar's metrics plus the headline ``val_bpc`` = val_ce / ln 2."""
-        split = load_text_split(run.model.resolved().seq_len, run.data.split_seed)
+        split = text_split(data, run.model.resolved().seq_len)
         out = evaluate_ar(list(nets), list(plan), split, run.levels, baseline=baseline, seed=run.seed)
         return {**out, "val_bpc": out["val_ce"] / math.log(2)}

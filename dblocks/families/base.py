@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
+from ..datacard import DataCard, SplitSource
+from ..errors import ConfigError
 from ..levels import Levels, SigmaLevels
 from ..plan import BlockSpec, make_plan
 
@@ -63,7 +65,8 @@ class Family:
     """The interface every family implements (subclass and fill in; see DiT for the reference)."""
 
     name: ClassVar[str]  # the ``model`` config group option: dit, vit, ar, mdm, recurrent
-    data: ClassVar[str]  # the built-in data source it trains on: digits | text
+    data: ClassVar[str]  # the built-in data set it trains on by default: digits | text
+    kind: ClassVar[str]  # the kind of data it trains on: images | text (a prepared dataset's card.kind)
     config: ClassVar[type]  # the network's config dataclass (DiTConfig, ...)
     sizes: ClassVar[dict]  # named sizes of that config (DIT_SIZES, ...)
     one_block: ClassVar[bool] = False  # the recurrent core: DiffusionBlocks is a single block
@@ -82,6 +85,21 @@ class Family:
 
     def check(self, run: RunConfig) -> None:
         """Cross-field config rules of this family; raise ConfigError with a one-line message."""
+
+    def data_fields(self, card: DataCard, run: RunConfig) -> dict:
+        """The ``model.*`` settings the data decides (input shape, classes, vocabulary), from its card;
+        a dataset this family cannot train on is a one-line ConfigError."""
+        if card.kind != self.kind:
+            raise ConfigError(f"{run.data.name}: holds {card.kind}, model.family={self.name} trains on {self.kind}")
+        if card.kind == "text":
+            return {"vocab_size": card.vocab_size}
+        c, h, w = card.shape
+        if h != w:
+            raise ConfigError(
+                f"{run.data.name}: images are {h}x{w}, the models take square images; "
+                "prepare them with image_size=N (resize and center-crop)"
+            )
+        return {"image_size": h, "channels": c, "num_classes": card.num_classes}
 
     # ---- training ------------------------------------------------------------------------
     # Subclasses set ``build = staticmethod(build_<family>)``: (cfg, spec, *, baseline, seed) -> the
@@ -107,9 +125,12 @@ class Family:
         """A trained block as the sampler's callable D(z, level, **cond)."""
         return self.make_denoiser(net, levels.sigma_data)
 
-    def evaluate(self, nets: Sequence[nn.Module], plan: Sequence[BlockSpec], run: RunConfig, *, baseline: bool) -> dict:
-        """Metrics of one trained model (B blocks, or ``[net]`` of the baseline); floats keyed as in
-        ``rows`` and ``headline``, plus ``samples``/``labels`` (images) or ``sample_text`` (text)."""
+    def evaluate(
+        self, nets: Sequence[nn.Module], plan: Sequence[BlockSpec], run: RunConfig, data: SplitSource, *, baseline: bool
+    ) -> dict:
+        """Metrics of one trained model (B blocks, or ``[net]`` of the baseline) on the run's held-out
+        ``data``; floats keyed as in ``rows`` and ``headline``, plus ``samples``/``labels`` (images)
+        or ``sample_text`` (text)."""
         raise NotImplementedError
 
     def generate(
@@ -134,8 +155,10 @@ class Family:
         return ""
 
     def passes(self, results: dict, run: RunConfig) -> bool:
-        """Whether a trained set earns the registry's ``champion`` alias."""
-        return self.headline.passes(results[self.headline.key], run.registry.champion_threshold)
+        """Whether a trained set earns the registry's ``champion`` alias (never without its headline
+        metric, e.g. the DiT's sample accuracy on unlabelled data)."""
+        value = results.get(self.headline.key)
+        return isinstance(value, float) and self.headline.passes(value, run.registry.champion_threshold)
 
 
 def plan_for(run: RunConfig, num_blocks: int) -> list[BlockSpec]:

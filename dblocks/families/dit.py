@@ -1,4 +1,4 @@
-"""The DiT family (paper Sec. 4.2): class-conditional digits, each block a DiT on its sigma range.
+"""The DiT family (paper Sec. 4.2): class-conditional images, each block a DiT on its sigma range.
 
 The loss is Eq. 6 for images: w(sigma) mean_elements((D - x)^2) (``weighted=False``: the plain
 per-sample MSE, the ablation); the end-to-end baseline is the same DiT with B = 1 on the same loss.
@@ -7,22 +7,24 @@ Inference chains the blocks through the router (Sec. 3.4): Euler over the CDF-sp
 
 The metrics: held-out Eq. 6 loss over sigma ~ p and per block range, pixel-space and
 classifier-feature Frechet distance between test images and samples, and the accuracy of a
-digits classifier on class-conditional samples. Samples are clamped to [-1, 1].
+classifier (trained on the data's train split) on class-conditional samples. Unlabelled data
+trains and samples unconditionally (every label is the null label; no guidance, no classifier
+metrics). Samples are clamped to [-1, 1].
 """
 
 from __future__ import annotations
 
-import functools
 from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from ..data import ImageSplit, load_digits_split
+from ..data import ImageSplit, image_split
+from ..errors import ConfigError
 from ..levels import SigmaLevels
 from ..loss import weighted_l2
-from ..metrics import DigitsClassifier, accuracy, frechet_distance, heldout_loss, train_digits_classifier
+from ..metrics import ImageClassifier, accuracy, frechet_distance, heldout_loss, train_classifier
 from ..models.dit import DIT_SIZES, DiTBlock, DiTConfig, build_dit
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA, denoise
@@ -82,19 +84,28 @@ def generate(
     null_label: int,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Class-conditional samples of ``shape`` (C, H, W) with classifier-free guidance ``sample.guidance``."""
+    """Samples of ``shape`` (C, H, W), one per label, with classifier-free guidance (``null_label`` for
+    every label: unconditional, no guidance)."""
     g = torch.Generator().manual_seed(seed)
     z = levels.sigma_max * torch.randn((len(labels), *shape), generator=g)
-    guided = classifier_free_guidance(router, sample.guidance, null_label)
+    labelled = bool((labels != null_label).any())
+    guided = classifier_free_guidance(router, sample.guidance_scale(labelled), null_label) if labelled else router
     grid = sample_grid(sample, levels, len(router.blocks))
     return sample_euler(guided, z, grid, extra_args={"labels": labels}).clamp(-1, 1)
+
+
+def sample_labels(num_classes: int, per_class: int, null_label: int) -> torch.Tensor:
+    """``per_class`` labels of each class in order; unlabelled data: 10 x ``per_class`` null labels."""
+    if num_classes == 0:
+        return torch.full((10 * per_class,), null_label)
+    return torch.arange(num_classes).repeat_interleave(per_class)
 
 
 def evaluate(
     nets: Sequence[nn.Module],
     plan: Sequence[BlockSpec],
     data: ImageSplit,
-    classifier: DigitsClassifier,
+    classifier: ImageClassifier | None,
     sample,
     levels: SigmaLevels,
     *,
@@ -102,38 +113,54 @@ def evaluate(
     seed: int = 0,
 ) -> dict:
     """All metrics for one model; ``ranges`` are the sigma ranges for the per-range held-out loss
-    (pass the DiffusionBlocks plan's ranges to the baseline too, so the rows compare)."""
+    (pass the DiffusionBlocks plan's ranges to the baseline too, so the rows compare). Without a
+    ``classifier`` (unlabelled data) the classifier metrics are left out."""
     router = chain(nets, plan, levels.sigma_data)
     x, y = data.test_x, data.test_y
     overall = heldout_loss(router, x, y, levels.sigma_min, levels.sigma_max, levels)
     per_range = [heldout_loss(router, x, y, lo, hi, levels) for lo, hi in ranges]
-    labels = torch.arange(10).repeat_interleave(sample.per_class)
+    null = nets[0].null_label
+    labels = sample_labels(nets[0].cfg.num_classes, sample.per_class, null)
     shape = tuple(data.test_x.shape[1:])
-    samples = generate(router, labels, sample, levels, shape=shape, null_label=nets[0].null_label, seed=seed)
-    with torch.no_grad():
-        fd_feat = frechet_distance(classifier.features(data.test_x), classifier.features(samples))
-    return {
+    samples = generate(router, labels, sample, levels, shape=shape, null_label=null, seed=seed)
+    out = {
         "heldout_loss": overall,
         "heldout_loss_per_range": per_range,
         "fd_pixel": frechet_distance(data.test_x, samples),
-        "fd_feature": fd_feat,
-        "sample_accuracy": accuracy(classifier, samples, labels),
         "samples": samples,
         "labels": labels,
     }
+    if classifier is not None:
+        with torch.no_grad():
+            out["fd_feature"] = frechet_distance(classifier.features(data.test_x), classifier.features(samples))
+        out["sample_accuracy"] = accuracy(classifier, samples, labels)
+    return out
 
 
-@functools.lru_cache(maxsize=2)
-def digits_judge(test_size: int, split_seed: int) -> tuple[ImageSplit, DigitsClassifier]:
-    """The digits split and the classifier that judges samples (deterministic; trained once per process)."""
-    split = load_digits_split(test_size, split_seed)
-    return split, train_digits_classifier(split.train_x, split.train_y, seed=0)
+_JUDGES: dict[str, tuple[ImageSplit, ImageClassifier | None]] = {}
+
+
+def judge(data) -> tuple[ImageSplit, ImageClassifier | None]:
+    """The held-out split and the classifier that judges samples, trained on the train split
+    (deterministic; once per dataset and process). Unlabelled data has no classifier."""
+    key = data.card.content_hash
+    if key not in _JUDGES:
+        split, card = image_split(data), data.card
+        classifier = None
+        if card.labelled:
+            c, h, w = card.shape
+            shape = dict(num_classes=card.num_classes, channels=c, size=(h, w))
+            classifier = train_classifier(split.train_x, split.train_y, seed=0, **shape)
+        _JUDGES.clear()  # one dataset at a time
+        _JUDGES[key] = split, classifier
+    return _JUDGES[key]
 
 
 # ---- the family -----------------------------------------------------------------------------------
 class DiT(Family):
     name = "dit"
     data = "digits"
+    kind = "images"
     config = DiTConfig
     sizes = DIT_SIZES
     baseline_is_denoiser = True  # the end-to-end baseline is the same DiT with B = 1
@@ -159,11 +186,23 @@ class DiT(Family):
         router = chain(nets, plan, levels.sigma_data)
         return generate(router, labels, sample, levels, shape=shape, null_label=nets[0].null_label, seed=seed)
 
-    def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
-        split, classifier = digits_judge(run.data.test_size, run.data.split_seed)
+    def data_fields(self, card, run) -> dict:
+        """The image shape and classes; on unlabelled images the DiT is unconditional (0 classes:
+        every label is the null label), and guidance is refused."""
+        fields = super().data_fields(card, run)
+        if not card.labelled and run.sample.guidance not in (None, 1.0):
+            raise ConfigError(
+                f"sample.guidance={run.sample.guidance}: {run.data.name} is unlabelled, so the DiT "
+                "samples unconditionally; remove sample.guidance (or set it to 1)"
+            )
+        return fields
+
+    def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
+        split, classifier = judge(data)
         ranges = eval_ranges(run)
         res = evaluate(nets, list(plan), split, classifier, run.sample, run.levels, ranges=ranges, seed=run.seed)
-        res["classifier_test_accuracy"] = accuracy(classifier, split.test_x, split.test_y)  # the judge itself
+        if classifier is not None:
+            res["classifier_test_accuracy"] = accuracy(classifier, split.test_x, split.test_y)  # the judge itself
         return res
 
     def table_rows(self, run) -> list[Row]:
@@ -175,4 +214,5 @@ class DiT(Family):
         return [*self.rows, *per_range]
 
     def summary(self, run) -> str:
-        return f"guidance {run.sample.guidance}, {run.sample.steps} Euler grid points"
+        guidance = run.sample.guidance_scale(run.model.resolved().num_classes > 0)
+        return f"guidance {guidance}, {run.sample.steps} Euler grid points"

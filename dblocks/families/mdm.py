@@ -21,7 +21,7 @@ from ..models.mdm import MDM_SIZES, MDMBlock, MDMConfig, build_mdm
 from ..noise import route
 from ..plan import BlockSpec, plan_boundaries
 from ..sampling import BlockRouter
-from ..text import CHAMPION_MAX_BPC, TextSplit, decode, load_text_split
+from ..text import CHAMPION_MAX_BPC, TextSplit, text_split
 from .base import Family, Headline, LossFn, Row
 
 
@@ -151,7 +151,7 @@ def evaluate_mdm(
     seq_len = nets[0].cfg.seq_len
     num = max(1, math.ceil(sample_chars / seq_len))
     ids = sample_mdm(nets, plan, levels, num, seq_len, steps=steps, seed=seed)
-    text = "\n".join(decode(row.tolist()) for row in ids.cpu())
+    text = "\n".join(split.vocab.decode(row.tolist()) for row in ids.cpu())
     return {"test_bpc": bpc, "sample_text": text}
 
 
@@ -159,6 +159,7 @@ def evaluate_mdm(
 class MDM(Family):
     name = "mdm"
     data = "text"
+    kind = "text"
     config = MDMConfig
     sizes = MDM_SIZES
     rows = (Row("test bits per character (ELBO)", "test_bpc", "{:.3f}"),)
@@ -183,6 +184,6 @@ class MDM(Family):
     def denoiser(self, net: MDMBlock, levels: TimeLevels):
         return mdm_denoiser(net)
 
-    def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
-        split = load_text_split(run.model.resolved().seq_len, run.data.split_seed)
+    def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
+        split = text_split(data, run.model.resolved().seq_len)
         return evaluate_mdm(list(nets), plan, split, run.levels, seed=run.seed)

@@ -30,7 +30,7 @@ from ..models.recurrent import (
 )
 from ..plan import BlockSpec
 from ..precond import SIGMA_DATA
-from ..text import CHAMPION_MAX_BPC, TextSplit, decode, encode, load_text_split, next_token_pairs
+from ..text import CHAMPION_MAX_BPC, TextSplit, next_token_pairs, text_split
 from .ar import next_token_ce
 from .base import Family, Headline, Row
 from .discrete import ChainLogits, DiscreteDenoiser, chain_logits
@@ -134,11 +134,10 @@ def evaluate_recurrent(
     seed: int = 0,
     windows: int = 256,
     iterations: int | None = None,
-    prompt: str = "ROMEO:\n",
     sample_chars: int = 200,
 ) -> dict:
     """Teacher-forced next-character CE (nats/char), bits/char and accuracy of the prediction after
-    K iterations on the first ``windows`` validation windows, plus a greedy sample from ``prompt``.
+    K iterations on the first ``windows`` validation windows, plus a greedy sample from the split's ``prompt``.
 
     ``nets`` = [the one net], ``plan`` = its one BlockSpec (covering all of ``levels``).
     """
@@ -158,12 +157,12 @@ def evaluate_recurrent(
         chains = [recurrent_chain(net, xb, levels, **opts) for xb in x.split(256)]
         logits, first = torch.cat([c.final for c in chains]), torch.cat([c.first for c in chains])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item()
-    sample = generate_recurrent(net, encode(prompt), sample_chars, levels, **opts)
+    sample = generate_recurrent(net, split.vocab.encode(split.prompt), sample_chars, levels, **opts)
     metrics = {
         "val_loss": ce,
         "val_bpc": ce / math.log(2),
         "val_accuracy": (logits.argmax(-1) == y).double().mean().item(),
-        "sample_text": decode(sample.tolist()),
+        "sample_text": split.vocab.decode(sample.tolist()),
     }
     if not baseline:  # the sampler's first call alone: the core's predictive distribution from pure noise
         metrics["val_loss_first_call"] = F.cross_entropy(first.flatten(0, 1).float(), y.flatten()).item()
@@ -174,6 +173,7 @@ def evaluate_recurrent(
 class Recurrent(Family):
     name = "recurrent"
     data = "text"
+    kind = "text"
     config = RecurrentConfig
     sizes = RECURRENT_SIZES
     one_block = True
@@ -195,6 +195,6 @@ class Recurrent(Family):
     make_denoiser = staticmethod(recurrent_denoiser)
     baseline_loss = staticmethod(recurrent_baseline_loss)
 
-    def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
-        split = load_text_split(run.model.resolved().seq_len, run.data.split_seed)
+    def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
+        split = text_split(data, run.model.resolved().seq_len)
         return evaluate_recurrent(list(nets), list(plan), split, run.levels, baseline=baseline, seed=run.seed)

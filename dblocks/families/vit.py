@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import ImageSplit, load_digits_split
+from ..data import ImageSplit, image_split
+from ..errors import ConfigError
 from ..levels import SigmaLevels
 from ..loss import weighted_ce
 from ..models.vit import VIT_SIZES, ViTBaseline, ViTBlock, ViTConfig, build_vit
@@ -129,6 +130,7 @@ def evaluate_vit(
 class ViT(Family):
     name = "vit"
     data = "digits"
+    kind = "images"
     config = ViTConfig
     sizes = VIT_SIZES
     rows = (Row("test accuracy", "test_accuracy", "{:.2%}"),)
@@ -139,6 +141,15 @@ class ViT(Family):
     make_denoiser = staticmethod(vit_denoiser)
     baseline_loss = staticmethod(vit_baseline_loss)
 
-    def evaluate(self, nets, plan, run, *, baseline: bool) -> dict:
-        split = load_digits_split(run.data.test_size, run.data.split_seed)
+    def data_fields(self, card, run) -> dict:
+        """The image shape and classes; a classifier needs labelled images."""
+        if card.kind == "images" and card.num_classes < 2:
+            raise ConfigError(
+                f"{run.data.name}: the ViT classifies, and this dataset has {card.num_classes} classes; "
+                "prepare labelled images (one subfolder per class)"
+            )
+        return super().data_fields(card, run)
+
+    def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
+        split = image_split(data)
         return evaluate_vit(list(nets), list(plan), split, run.levels, baseline=baseline, seed=run.seed)

@@ -51,6 +51,7 @@ DIT_SIZES: dict[str, DiTConfig] = {
     "debug": DiTConfig(width=32, heads=2, layers=6, freq_dim=32),
     "tiny": DiTConfig(width=64, heads=4, layers=6),
     "small": DiTConfig(width=128, heads=4, layers=12),
+    "s2": DiTConfig(width=384, heads=6, layers=12, patch=2, freq_dim=256),  # DiT-S/2 (the paper's CIFAR-10)
 }
 
 

@@ -60,6 +60,7 @@ class ViTConfig:
 VIT_SIZES: dict[str, ViTConfig] = {
     "debug": ViTConfig(width=32, heads=2, layers=6, freq_dim=32),
     "tiny": ViTConfig(width=64, heads=4, layers=12),  # the paper's depth: B=3 blocks of 4 layers
+    "s4": ViTConfig(width=384, heads=6, layers=12, patch=4, freq_dim=256),  # ViT-S/4 for 32x32 (CIFAR-100)
 }
 
 
