@@ -306,9 +306,9 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
             store.manifest(cfg.resume)  # a run that is not there fails here, before the data is read
         cfg, data = open_data(cfg, storage)
         log.info("data %s: %s (content hash %s)", data.root, data.card.describe(), data.card.content_hash[:12])
-        manifest = resume_run(cfg, store, tracker) if cfg.resume else new_run(cfg, store, tracker, storage, data)
-        workers = make_workers(cfg)
+        workers = make_workers(cfg)  # a cluster that cannot host the blocks fails here, before any run is opened
         stack.callback(workers.shutdown)
+        manifest = resume_run(cfg, store, tracker) if cfg.resume else new_run(cfg, store, tracker, storage, data)
         run_id = manifest.run_id
         (out / "last_run").write_text(f"{run_id}\n{store.url}\n")
         log.info("run %s: Redis %s, MLflow %s, storage %s", run_id, store.url, tracker.uri, storage.root)

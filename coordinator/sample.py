@@ -49,7 +49,7 @@ def _main(cfg: DictConfig) -> None:
         import torch
 
         out = Path(args["out"] or Path(run_cfg.output_dir) / f"samples-{args['alias']}.png")
-        save_grid(torch.from_numpy(samples), out, columns=10)
+        save_grid(torch.tensor(samples), out, columns=10)
         run_id = registry_versions(uri, prefix, args["alias"])[0].run_id
         tracker = MlflowTracker(uri, run_cfg.mlflow.experiment or run_cfg.name, artifact_location(uri))
         tracker.log_artifact(run_id, out, f"samples/{args['alias']}")

@@ -84,6 +84,13 @@ class RayWorkers:
                 log_to_driver=False,
                 _temp_dir=temp_dir,
             )
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if cfg.workers.num_gpus > gpus:  # a local Ray never grows: the actors would wait forever
+                ray.shutdown()
+                raise LaunchError(
+                    f"workers.num_gpus={cfg.workers.num_gpus}: this machine's Ray has {gpus:g} GPUs; "
+                    "set workers.num_gpus=0 to run on the CPU"
+                )
         w = cfg.workers
         self._worker_cls = ray.remote(
             num_cpus=w.num_cpus,

@@ -28,5 +28,6 @@ def service_stack(redis_server, base: Path, db: int) -> dict:
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    """stderr without the progress log (``HH:MM:SS message`` lines): what a failed command said."""
-    return [line for line in proc.stderr.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d ", line)]
+    """stderr without log lines (ours ``HH:MM:SS message``; Ray's and MLflow's dated): what a failed command said."""
+    log = re.compile(r"(\d{4}[-/]\d\d[-/]\d\d )?\d\d:\d\d:\d\d[ ,]")
+    return [line for line in proc.stderr.strip().splitlines() if not log.match(line)]

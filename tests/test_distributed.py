@@ -297,6 +297,11 @@ def test_standalone_block_registers_and_a_mixed_set_is_refused(job, stack):
         ("coordinator", ["ray.address=127.0.0.1:1"], "ray.address=127.0.0.1:1: nothing listens there"),
         ("coordinator", ["resume=nope"], "run=nope: no such run"),
         ("coordinator", ["workers.external=[5]"], "workers.external=[5]: block 5 is not in 0..1"),
+        (
+            "coordinator",
+            ["workers.num_gpus=1", "ray.num_gpus=0"],
+            "workers.num_gpus=1.0: this machine's Ray has 0 GPUs",
+        ),
         ("worker", ["block=0", "run=nope"], "run=nope: no such run"),
         ("worker", ["block=5", "run=RUN"], "block=5: run RUN has blocks 0..1"),
         ("coordinator", ["only=[5]"], "only=[5]: block 5 is not in 0..1"),
