@@ -30,15 +30,17 @@ test: install                     ## lint (ruff) + the test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~80 min)
+bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~85 min)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/data.py
 
 bench-quick: install
 	$(BIN)/python bench/memory.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/scaling.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/quality.py --quick --out /tmp/dblocks-bench-quick
+	$(BIN)/python bench/data.py --quick --out /tmp/dblocks-bench-quick
 
 clean:
 	rm -rf outputs .pytest_cache
