@@ -87,6 +87,13 @@ def test_storage_takes_file_uris_like_paths(tmp_path):
         st.read_bytes("missing")
 
 
+@pytest.mark.parametrize("root", ["nosuchscheme://bucket/run", "file://"])
+def test_a_bad_storage_uri_is_one_line_naming_it(root):
+    with pytest.raises(StorageError, match=rf"storage.path={root!r}: ") as e:
+        Storage(root)
+    assert "\n" not in str(e.value)
+
+
 class CrashingStore(MemoryStore):
     """A MemoryStore that kills its worker once: right after its ``applied``-th unit application
     (the worker counts each in ``units_applied``), or at its first ``ack``."""

@@ -12,6 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -27,8 +28,9 @@ class Storage:
                 self.fs, self._base = pafs.FileSystem.from_uri(root)
             else:
                 self.fs, self._base = pafs.LocalFileSystem(), str(Path(root).resolve())
-        except (pafs.ArrowInvalid, OSError, ValueError) as e:  # ArrowInvalid subclasses ValueError
-            raise StorageError(f"storage.path={root!r}: {e}") from None
+        except (pa.ArrowException, OSError, ValueError) as e:  # an unknown scheme, a bad URI, no such bucket
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StorageError(f"storage.path={root!r}: {first}") from None
 
     def path(self, rel: str) -> str:
         return f"{self._base.rstrip('/')}/{rel}"
