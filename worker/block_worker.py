@@ -7,8 +7,8 @@
 3. claims units left pending by a dead predecessor, then consumes new ones, applying each unit
    exactly once in sequence order (a unit the checkpoint already covers is acknowledged and
    skipped; a gap in the sequence is an error, never silently skipped); it takes one unit ahead,
-   whose rows the prefetch thread reads from the dataset (``data.path``) while the current one trains,
-   (worker/prefetch.py), so it holds at most two units' rows whatever the dataset's size,
+   whose rows the prefetch thread (worker/prefetch.py) reads from the dataset (``data.path``) while
+   the current one trains, so it holds at most two units' rows whatever the dataset's size,
 4. checkpoints atomically every ``train.checkpoint_every`` steps (at unit boundaries) and only
    then acknowledges the units the checkpoint covers,
 5. reports progress (a heartbeat at least every ``workers.lease_seconds / 3``, from between
