@@ -62,7 +62,7 @@ def unit_batches(unit: WorkUnit, batch_size: int) -> list[torch.Tensor]:
     if batch_size > n:
         raise ValueError(
             f"train.batch_size={batch_size}: larger than the {n} rows of shard {unit.shard}; "
-            "use fewer data.shards or a smaller batch"
+            "use a smaller batch, or prepare the data with fewer, larger shards (dblocks-data shards=K)"
         )
     per_perm = n // batch_size
     g = torch.Generator().manual_seed(derive_seed(unit.seed, "rows"))

@@ -1,4 +1,4 @@
-"""The built-in text corpus, its fixed split, and text shards (worker/shards.py)."""
+"""The built-in text corpus and its fixed split (dblocks/text.py); its prepared form is tested in test_data.py."""
 
 from __future__ import annotations
 
