@@ -4,7 +4,9 @@ Two rules, both per block:
 
 * **Restart or fail.** A worker that raised (its own exception, or its process died) is restarted
   from its checkpoint, at most ``workers.max_restarts`` times; one more failure fails the run with
-  one line naming the block: ``blocks/1 failed 3 times, last: ValueError: ...``.
+  one line naming the block: ``blocks/1 failed 3 times, last: ValueError: ...``. A deterministic
+  error -- bad data (``DataError``: a row the reader refuses) or a broken config rule
+  (``ConfigError``) -- fails the run at once: a restart would read the same row again.
 * **Stale heartbeat.** A worker reports (and renews its lease) at least every ``lease_seconds / 3``.
   One whose heartbeat has not changed for longer than ``workers.lease_seconds`` is hung: the
   controller stops it and treats it as failed (restart from its checkpoint, counted against
@@ -26,7 +28,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from dblocks.datacard import DataError
+from dblocks.errors import ConfigError
 from worker.record import JobId
+
+DETERMINISTIC = (DataError, ConfigError)  # the same input fails the same way: restarting cannot help
 
 
 class RunFailed(RuntimeError):
@@ -62,13 +68,16 @@ class FailurePolicy:
     restarts: Counter = field(default_factory=Counter)  # restarts granted so far, per job
 
     def decide(self, job: JobId, error: BaseException) -> Decision:
-        """Restart ``job`` (and count it) while restarts are left, else fail the run."""
-        if self.restarts[job] >= self.max_restarts:
+        """Restart ``job`` (and count it) while restarts are left, else fail the run; a deterministic
+        error fails it at once (a Ray actor's error is an instance of its cause's class too)."""
+        if isinstance(error, DETERMINISTIC) or self.restarts[job] >= self.max_restarts:
             return Decision.FAIL
         self.restarts[job] += 1
         return Decision.RESTART
 
     def failure(self, job: JobId, error: BaseException) -> RunFailed:
+        if isinstance(error, DETERMINISTIC):
+            return RunFailed(f"{job} failed, not restarted (it would fail the same way): {describe(error)}")
         return RunFailed(f"{job} failed {self.restarts[job] + 1} times, last: {describe(error)}")
 
     def stale(self, progress: Mapping[str, str], quiet: float, reported: bool) -> StaleHeartbeat | None:

@@ -55,6 +55,22 @@ def check_ray_address(address: str) -> None:
         ) from None
 
 
+def unschedulable(w, have: dict) -> str | None:
+    """What one block's actor asks for (``workers.*``) that a fixed cluster with resources ``have``
+    can never give it, as a one-line message naming the setting; None if it fits."""
+    asks = {"CPU": ("workers.num_cpus", w.num_cpus, "ray.num_cpus"), "GPU": ("workers.num_gpus", w.num_gpus, None)}
+    asks |= {name: (f"workers.resources.{name}", n, f"ray.resources.{name}") for name, n in w.resources.items()}
+    for resource, (key, n, grow) in asks.items():
+        if n > have.get(resource, 0):
+            fix = (
+                f"lower {key}"
+                + (f" or raise {grow}" if grow else "")
+                + ("; workers.num_gpus=0 runs on the CPU" if resource == "GPU" else "")
+            )
+            return f"{key}={n:g}: this machine's Ray has {have.get(resource, 0):g} {resource}; {fix}"
+    return None
+
+
 class RayWorkers:
     """One Ray actor per block (``workers.num_cpus``, ``num_gpus``, ``resources``); a restarted
     block gets a fresh actor (Ray's own restarts are off: the controller decides)."""
@@ -84,13 +100,10 @@ class RayWorkers:
                 log_to_driver=False,
                 _temp_dir=temp_dir,
             )
-            gpus = ray.cluster_resources().get("GPU", 0)
-            if cfg.workers.num_gpus > gpus:  # a local Ray never grows: the actors would wait forever
+            short = unschedulable(cfg.workers, ray.cluster_resources())
+            if short:  # a local Ray never grows: the actors would wait forever
                 ray.shutdown()
-                raise LaunchError(
-                    f"workers.num_gpus={cfg.workers.num_gpus}: this machine's Ray has {gpus:g} GPUs; "
-                    "set workers.num_gpus=0 to run on the CPU"
-                )
+                raise LaunchError(short)
         w = cfg.workers
         self._worker_cls = ray.remote(
             num_cpus=w.num_cpus,

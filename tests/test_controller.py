@@ -12,6 +12,7 @@ import pytest
 from coordinator.controller import Controller
 from coordinator.policy import Decision, FailurePolicy, RunFailed, StaleHeartbeat, describe
 from coordinator.tracking import NullTracker
+from dblocks.datacard import DataError
 from dblocks.plan import BlockSpec
 from worker.record import Job, JobId, Manifest
 from worker.store import MemoryStore
@@ -36,7 +37,8 @@ class Clock:
 
 class ScriptedWorkers:
     """A dummy worker group. Attempt k of a job does ``script[job][k]``: ``ok`` (when polled: logs
-    ``metrics`` entries, reports done, returns a result), ``raise`` (a ValueError), ``hang`` (reports
+    ``metrics`` entries, reports done, returns a result), ``raise`` (a ValueError), ``bad-row`` (a
+    DataError, as the dataset reader raises for a row it refuses), ``hang`` (reports
     once when started, then never again) or ``silent`` (never reports, like an actor that never comes
     up). Unscripted jobs are ``ok`` on every attempt."""
 
@@ -69,9 +71,10 @@ class ScriptedWorkers:
             if what in ("hang", "silent"):
                 continue
             del self.active[job]
-            if what == "raise":
+            if what in ("raise", "bad-row"):
                 self.store.report(RUN, job, state="failed")
-                out.append((job, None, ValueError(f"boom in {job}")))
+                kind = ValueError if what == "raise" else DataError
+                out.append((job, None, kind(f"boom in {job}")))
                 continue
             for step in range(self.metrics):
                 self.store.log_metrics(RUN, job, {"step": 10 * (step + 1), "loss": 1.0 / (step + 1)})
@@ -176,6 +179,16 @@ def test_exhausted_restarts_fail_the_run_in_one_line_naming_the_block():
     assert c.workers.stopped == [B1]
 
 
+def test_bad_data_fails_the_run_at_once_without_spending_restarts():
+    store = MemoryStore()
+    workers = ScriptedWorkers(store, {B1: ["bad-row", "ok"]})
+    c = controller(store, workers, max_restarts=2)
+    with pytest.raises(RunFailed) as e:
+        c.run(timeout=0)
+    assert str(e.value) == "blocks/1 failed, not restarted (it would fail the same way): DataError: boom in blocks/1"
+    assert workers.started.count(B1) == 1
+
+
 def test_describe_is_one_line_with_the_error_type():
     assert describe(ValueError("bad\n  more\n")) == "ValueError: more"
     ray_style = RuntimeError("Traceback (most recent call last):\n  File x\nKeyError: 'blocks/3'")
@@ -253,3 +266,24 @@ def test_real_block_workers_train_inline_end_to_end_through_the_controller(tmp_p
         assert [step for _, step in logged] == [10, 20] and all(0 < m["loss"] < 1e3 for m, _ in logged)
         assert tracker.versions[f"t-block{job.index}"][0]["lo"] == repr(manifest.job(job).spec.lo)
     assert set(manifest.registered) == set(jobs) and store.manifest(manifest.run_id).registered == manifest.registered
+
+
+@pytest.mark.parametrize(
+    "workers, have, says",
+    [
+        (
+            {"num_cpus": 2},
+            {"CPU": 1},
+            "workers.num_cpus=2: this machine's Ray has 1 CPU; lower workers.num_cpus or raise",
+        ),
+        ({"num_gpus": 1}, {"CPU": 4}, "workers.num_gpus=1: this machine's Ray has 0 GPU; lower workers.num_gpus"),
+        ({"resources": {"A100": 1}}, {"CPU": 4, "A100": 0.5}, "workers.resources.A100=1: this machine's Ray has 0.5"),
+        ({"num_cpus": 1, "num_gpus": 0.5}, {"CPU": 1, "GPU": 1}, None),
+    ],
+)
+def test_a_block_a_fixed_cluster_cannot_host_is_named_before_it_queues(workers, have, says):
+    from coordinator.workers import unschedulable
+    from dblocks.config import WorkersConfig
+
+    short = unschedulable(WorkersConfig(**workers), have)
+    assert short == says if says is None else short.startswith(says)

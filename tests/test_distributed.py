@@ -300,8 +300,9 @@ def test_standalone_block_registers_and_a_mixed_set_is_refused(job, stack):
         (
             "coordinator",
             ["workers.num_gpus=1", "ray.num_gpus=0"],
-            "workers.num_gpus=1.0: this machine's Ray has 0 GPUs",
+            "workers.num_gpus=1: this machine's Ray has 0 GPU",
         ),
+        ("coordinator", ["ray.num_cpus=1", "workers.num_cpus=2"], "workers.num_cpus=2: this machine's Ray has 1 CPU"),
         ("worker", ["block=0", "run=nope"], "run=nope: no such run"),
         ("worker", ["block=5", "run=RUN"], "block=5: run RUN has blocks 0..1"),
         ("coordinator", ["only=[5]"], "only=[5]: block 5 is not in 0..1"),
