@@ -166,7 +166,7 @@ def train_and_evaluate(family: str, name: str, cfg_dict: dict, baseline: bool, s
     torch.set_num_threads(1)
     cfg = load_run_config(cfg_dict)
     plan = plan_for(cfg, 1 if baseline else cfg.blocks.num)
-    rows = batches(cfg.data.source, cfg.model.resolved().seq_len if cfg.data.source == "text" else None)
+    rows = batches(cfg.data.source, cfg.seq_len)
     trained = [train_block(cfg, spec, baseline, rows) for spec in plan]
     models = [(name, cfg, trained)]
     for sib_name, sib_dict in siblings:

@@ -23,6 +23,7 @@ import torch
 
 from dblocks.config import ConfigError
 from dblocks.datacard import DataCard, DataError
+from dblocks.errors import one_line
 from worker.dataset import open_dataset, write_dataset
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _load_image(path: Path, size: int | None):
             im.load()
             im = im.convert("L" if im.mode in ("L", "1") else "RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a readable image ({_line(e)}); replace or remove it") from None
+        raise DataError(f"{path}: not a readable image ({one_line(e)}); replace or remove it") from None
     if size is None:
         return im
     w, h = im.size
@@ -191,7 +192,7 @@ def read_npz(cfg: PrepareConfig) -> Images:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz ({_line(e)}); save it with numpy.savez") from None
+        raise DataError(f"{path}: not a readable .npz ({one_line(e)}); save it with numpy.savez") from None
     if "x" not in arrays:
         raise DataError(
             f"{path}: no array 'x' (it has {', '.join(arrays) or 'none'}); save the images as x, "
@@ -401,11 +402,7 @@ def load_config(overrides: list[str]) -> PrepareConfig:
         with initialize(version_base="1.3", config_path=None):
             return OmegaConf.to_object(compose(config_name="dblocks_data", overrides=list(overrides)))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_line(e)) from None
-
-
-def _line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(one_line(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,7 @@ from dblocks.plan import BlockSpec, plan_hash
 from dblocks.seeds import derive_seed
 from dblocks.units import Shard, make_units
 from worker.block_worker import export_rel
-from worker.dataset import Dataset, open_dataset
+from worker.dataset import CARD, Dataset, open_dataset
 from worker.record import MODEL_NAMES, Job, JobId, Manifest
 from worker.storage import Storage
 from worker.store import RunStore, open_store
@@ -80,13 +80,15 @@ def open_data(cfg: RunConfig, storage: Storage) -> tuple[RunConfig, Dataset]:
     """The run's dataset, checked against its card, and the config with what the data decides.
 
     ``data.path`` names a prepared dataset; without one the built-in set is prepared into the run's
-    storage (``data/builtin-<source>``) by the same code as ``dblocks-data``, once. Every shard's
-    content hash is checked here, before any training. The model's input shape, classes or
-    vocabulary are set from the card (``Family.data_fields``); an override that disagrees is refused."""
+    storage (``data/builtin-<source>``) by the same code as ``dblocks-data``, once (a run that finds
+    its card there prepares nothing). Every shard's content hash is checked here, before any
+    training. The model's input shape, classes or vocabulary are set from the card
+    (``Family.data_fields``); an override that disagrees is refused."""
     if cfg.data.path is None:
         source = cfg.data.source.value
         out = storage.uri(f"data/builtin-{source}")
-        prepare(PrepareConfig(input=BUILTIN_INPUTS[source], output=out))
+        if not Storage(out).exists(CARD):
+            prepare(PrepareConfig(input=BUILTIN_INPUTS[source], output=out))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=out))
     data = open_dataset(cfg.data.path)
     data.verify()
@@ -106,11 +108,9 @@ def open_data(cfg: RunConfig, storage: Storage) -> tuple[RunConfig, Dataset]:
 
 def train_shards(cfg: RunConfig, data: Dataset) -> list[Shard]:
     """The train split's shards, with their training rows (text: the model's windows)."""
-    seq_len = cfg.model.resolved().seq_len if cfg.family.kind == "text" else None
-    shards = data.train_shards(seq_len)
-    batch = cfg.train.batch_size
-    if sum(s.rows for s in shards) < batch:
-        rows = sum(s.rows for s in shards)
+    shards, batch = data.train_shards(cfg.seq_len), cfg.train.batch_size
+    rows = sum(s.rows for s in shards)
+    if rows < batch:
         raise ConfigError(
             f"train.batch_size={batch}: {cfg.data.name} has only {rows} training rows; use a smaller batch"
         )

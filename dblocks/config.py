@@ -371,6 +371,11 @@ class RunConfig:
         return _family(self.model.family)
 
     @property
+    def seq_len(self) -> int | None:
+        """A text family's context: its rows are (seq_len + 1)-token windows; None for images."""
+        return self.model.resolved().seq_len if self.family.kind == "text" else None
+
+    @property
     def levels(self) -> Levels:
         """The noise-level space the family's blocks partition (sigma, or MDM's masking time t)."""
         return self.family.levels(self)

@@ -17,6 +17,7 @@ This module is plain Python (no pyarrow): the families read shapes, classes and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -126,8 +127,6 @@ class DataCard:
 
 def card_hash(shards: list[ShardInfo]) -> str:
     """The content hash of a dataset: sha256 over its shards' sha256, in the order given."""
-    import hashlib
-
     h = hashlib.sha256()
     for s in shards:
         h.update(f"{s.path}:{s.sha256}\n".encode())

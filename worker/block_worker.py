@@ -192,8 +192,8 @@ class BlockWorker:
             state="training", units_done=len(applied), samples=trainer.samples, started_at=time.time(), **common
         )
         beating = _BeatingTrainer(trainer, heartbeat)
-        seq_len = cfg.model.resolved().seq_len if cfg.family.kind == "text" else None
-        reader = self._reader = RowPrefetcher(open_dataset(cfg.data.path), seq_len=seq_len, pin=device.type == "cuda")
+        reader = RowPrefetcher(open_dataset(cfg.data.path), seq_len=cfg.seq_len, pin=device.type == "cuda")
+        self._reader = reader
         edges = cfg.levels.bucket_edges(spec.train_lo, spec.train_hi, SIGMA_BUCKETS)
         unacked: list[str] = []
         last_ckpt_step = trainer.step_count

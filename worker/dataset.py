@@ -35,6 +35,7 @@ from dblocks.datacard import (
     text_windows,
     windows_in,
 )
+from dblocks.errors import one_line
 from dblocks.units import Shard
 
 from .storage import Storage
@@ -120,7 +121,7 @@ class Dataset:
         try:
             f = pq.ParquetFile(self.storage.fs.open_input_file(self.storage.path(path)))
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{uri}: not a readable parquet file ({_line(e)}); {AGAIN}") from None
+            raise DataError(f"{uri}: not a readable parquet file ({one_line(e)}); {AGAIN}") from None
         version = (f.schema_arrow.metadata or {}).get(VERSION_KEY, b"none").decode()
         if version != str(SCHEMA_VERSION):
             raise DataError(f"{uri}: schema version {version}, this dblocks reads version {SCHEMA_VERSION}; {AGAIN}")
@@ -230,10 +231,6 @@ def _type_name(t: pa.DataType) -> str:
     return f"list<{t.value_type}>" if pa.types.is_list(t) else str(t)
 
 
-def _line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _sha256(storage: Storage, rel: str) -> str:
     h = hashlib.sha256()
     with storage.fs.open_input_stream(storage.path(rel)) as f:
@@ -330,7 +327,7 @@ def _existing(storage: Storage, uri: str) -> DataCard | None:
         return DataCard.from_json(storage.read_bytes(CARD).decode("utf-8", errors="replace"), storage.uri(CARD))
     except DataError as e:
         raise DataError(
-            f"output={uri} already holds a card.json this dblocks cannot read ({_line(e)}); "
+            f"output={uri} already holds a card.json this dblocks cannot read ({one_line(e)}); "
             "choose another output or delete it first"
         ) from None
 

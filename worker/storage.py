@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from dblocks.errors import one_line
+
 
 class StorageError(RuntimeError):
     pass
@@ -29,8 +31,7 @@ class Storage:
             else:
                 self.fs, self._base = pafs.LocalFileSystem(), str(Path(root).resolve())
         except (pa.ArrowException, OSError, ValueError) as e:  # an unknown scheme, a bad URI, no such bucket
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StorageError(f"storage.path={root!r}: {first}") from None
+            raise StorageError(f"storage.path={root!r}: {one_line(e)}") from None
 
     def path(self, rel: str) -> str:
         return f"{self._base.rstrip('/')}/{rel}"
