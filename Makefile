@@ -35,12 +35,14 @@ bench: install                    ## benchmarks on an idle machine; rewrite benc
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/time_to_quality.py
 
 bench-quick: install
 	$(BIN)/python bench/memory.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/scaling.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/quality.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/data.py --quick --out /tmp/dblocks-bench-quick
+	$(BIN)/python bench/time_to_quality.py --quick --out /tmp/dblocks-bench-quick
 
 clean:
 	rm -rf outputs .pytest_cache

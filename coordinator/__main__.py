@@ -9,22 +9,37 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from dblocks.config import Backend, ConfigError, RunConfig
-from worker.config import config_dir, load_command, register
+from worker.config import check_command_line, config_dir, load_command, register
 from worker.record import JobId
+from worker.redaction import redact, redact_files, redact_logging
 
 
 def fail(e: BaseException) -> None:
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+    print(f"error: {redact(str(e).strip().splitlines()[0])}", file=sys.stderr)
     sys.exit(2)
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    redact_logging()
+
+
+def redact_saved_config() -> None:
+    """Hydra saved the composed config and the command line under the run directory (``.hydra/``):
+    mask URL passwords there and make the files owner-only."""
+    from hydra.core.hydra_config import HydraConfig
+
+    runtime = HydraConfig.get()
+    if runtime.output_subdir is not None:
+        saved = Path(runtime.runtime.output_dir) / runtime.output_subdir
+        if saved.is_dir():
+            redact_files(saved)
 
 
 def standalone(cfg: RunConfig, only: list[int]) -> tuple[RunConfig, list[JobId]]:
@@ -41,6 +56,7 @@ def standalone(cfg: RunConfig, only: list[int]) -> tuple[RunConfig, list[JobId]]
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     setup_logging()
+    redact_saved_config()
     from .errors import USER_ERRORS
     from .run import run
 
@@ -56,6 +72,14 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register()
+    try:
+        cfg = check_command_line("config", sys.argv[1:])  # a wrong type or key: one line, before Hydra's report
+        if cfg is not None:  # Hydra writes its run directory under output_dir before any of our code runs
+            from .run import check_output_dir
+
+            check_output_dir(Path(cfg.output_dir))
+    except ConfigError as e:
+        fail(e)
     _main()
 
 

@@ -43,12 +43,15 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """``redis-server`` on a free 127.0.0.1 port with its data (AOF on) in ``data_dir``."""
+    """``redis-server`` on a free 127.0.0.1 port with its data (AOF on) in ``data_dir``; with
+    ``password``, clients must authenticate (``redis://:<password>@127.0.0.1:<port>/0``)."""
 
-    def __init__(self, data_dir: str | os.PathLike, port: int | None = None):
+    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, password: str | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def _stop_orphan(self) -> None:
@@ -74,6 +77,7 @@ class EmbeddedRedis:
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--pidfile", str(d / "redis.pid")),
             *("--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"),
             *("--logfile", str(d / "redis.log")),
+            *(("--requirepass", self.password) if self.password else ()),
         ]
 
     def start(self) -> "EmbeddedRedis":
@@ -83,7 +87,7 @@ class EmbeddedRedis:
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                if self._client(socket_connect_timeout=0.2).ping():
                     return self
             except redis.ConnectionError:
                 time.sleep(0.05)
@@ -94,7 +98,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             try:
-                redis.Redis(port=self.port).shutdown(save=False)  # AOF already holds every write
+                self._client().shutdown(save=False)  # AOF already holds every write
             except redis.ConnectionError:
                 pass
             try:
@@ -102,6 +106,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+
+    def _client(self, **kw) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, **kw)
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()

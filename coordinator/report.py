@@ -10,6 +10,7 @@ from PIL import Image
 
 from dblocks.config import RunConfig
 from dblocks.data import unscale_pixels
+from worker.redaction import redact_config
 
 
 def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4) -> Path:
@@ -44,6 +45,7 @@ def format_table(results: dict[str, dict], cfg: RunConfig) -> str:
 
 
 def write_metrics(results: dict[str, dict], path: Path, **extra) -> Path:
+    """``metrics.json``: the figures and ``extra`` (run id, config, timings), URL passwords masked."""
     clean = {n: {k: v for k, v in r.items() if not torch.is_tensor(v)} for n, r in results.items()}
-    path.write_text(json.dumps({**extra, "results": clean}, indent=2))
+    path.write_text(json.dumps(redact_config({**extra, "results": clean}), indent=2))
     return path

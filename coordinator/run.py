@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import tempfile
 import time
@@ -35,17 +36,20 @@ import torch
 
 from dblocks.build import model_plans
 from dblocks.config import ConfigError, RunConfig
+from dblocks.errors import one_line
 from dblocks.plan import BlockSpec, plan_hash
 from dblocks.seeds import derive_seed
 from dblocks.units import Shard, make_units
 from worker.block_worker import export_rel
 from worker.dataset import CARD, Dataset, open_dataset
 from worker.record import MODEL_NAMES, Job, JobId, Manifest
+from worker.redaction import redact, redact_config
 from worker.storage import Storage
 from worker.store import RunStore, open_store
 
 from .controller import Controller
 from .data import PrepareConfig, prepare
+from .lock import OutputLock
 from .policy import FailurePolicy
 from .progress import Progress
 from .redis_server import EmbeddedRedis
@@ -141,7 +145,8 @@ def new_run(cfg: RunConfig, store: RunStore, tracker: Tracker, storage: Storage,
             tracker.log_params(child, {**asdict(spec), "plan_hash": hash_, "units": len(units[job])})
             external = not job.baseline and spec.index in cfg.workers.external
             jobs[job] = Job(job, spec, hash_, len(units[job]), registered_name(cfg, job), child, external)
-    manifest = Manifest(run_id, cfg.name, time.time(), cfg.to_dict(), storage.root, shards, jobs, tracker.uri, parent)
+    config = redact_config(cfg.to_dict())  # the run store may be read by anyone who can read its AOF
+    manifest = Manifest(run_id, cfg.name, time.time(), config, storage.root, shards, jobs, tracker.uri, parent)
     store.create_run(manifest, units)
     tracker.log_dict(parent, manifest_dict(manifest), "manifest.json")
     tracker.log_dict(parent, cfg.to_dict(), "config.json")
@@ -155,6 +160,33 @@ def data_tags(data: Dataset) -> dict:
 
 def manifest_dict(manifest: Manifest) -> dict:
     return json.loads(manifest.to_json())
+
+
+# What a resumed run may change: where things run and are tracked, not what is trained.
+RESUMABLE = ("resume", "output_dir", "redis", "mlflow", "ray", "storage", "workers", "sample", "registry")
+RESUMABLE += ("train.threads", "train.device")
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_settings(cfg: RunConfig, manifest: Manifest) -> None:
+    """``resume=<run id>`` continues the run as it was started: a training setting (``train.steps``,
+    ``train.lr``, ``seed``, ...) that differs from the run's is refused in one line naming the key.
+    Keys the run's manifest does not hold (a run from an older version) are not compared."""
+    ours = _leaves(json.loads(json.dumps(redact_config(cfg.to_dict()))))
+    theirs = _leaves(manifest.config)
+    for key in sorted(ours.keys() & theirs.keys()):
+        if any(key == k or key.startswith(f"{k}.") for k in RESUMABLE) or ours[key] == theirs[key]:
+            continue
+        raise ConfigError(
+            f"{key}={ours[key]}: run {manifest.run_id} was started with {key}={theirs[key]}; "
+            "a resumed run keeps its training settings: drop the override or set it back"
+        )
 
 
 def resume_run(cfg: RunConfig, store: RunStore, tracker: Tracker) -> Manifest:
@@ -270,6 +302,8 @@ def services(cfg: RunConfig, out: Path):
     """(store, tracker, storage), connected in that order after a check of every address."""
     uri = default_tracking_uri(cfg)
     check_reachable(uri)
+    storage = Storage(cfg.storage.path or str((out / "storage").resolve()))
+    storage.check_writable()
     if cfg.ray.address and cfg.ray.address != "auto":
         check_ray_address(cfg.ray.address)
     if (cfg.redis.url or "").startswith("memory://") and cfg.workers.backend != "inline":
@@ -282,7 +316,20 @@ def services(cfg: RunConfig, out: Path):
         url = cfg.redis.url or stack.enter_context(EmbeddedRedis(out / "redis")).url
         store = open_store(url)
         tracker = MlflowTracker(uri, cfg.mlflow.experiment or cfg.name, artifact_location(uri))
-        yield store, tracker, Storage(cfg.storage.path or str((out / "storage").resolve()))
+        yield store, tracker, storage
+
+
+def check_output_dir(out: Path) -> None:
+    """``output_dir`` exists (created) and takes files, or a one-line error naming it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir={out}: cannot write there ({one_line(e)}); choose a directory you can write"
+        ) from None
 
 
 def select_jobs(manifest: Manifest, only: list[str | JobId] | None) -> list[JobId]:
@@ -300,18 +347,22 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
     """The whole run (``only``: train and register just these jobs, e.g. ``["blocks/1"]``)."""
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with services(cfg, out) as (store, tracker, storage), contextlib.ExitStack() as stack:
+    check_output_dir(out)
+    # the lock first: a second coordinator here must not touch the first one's services
+    with OutputLock(out), services(cfg, out) as (store, tracker, storage), contextlib.ExitStack() as stack:
         if cfg.resume:
             store.manifest(cfg.resume)  # a run that is not there fails here, before the data is read
         cfg, data = open_data(cfg, storage)
+        if cfg.resume:
+            check_resume_settings(cfg, store.manifest(cfg.resume))
         log.info("data %s: %s (content hash %s)", data.root, data.card.describe(), data.card.content_hash[:12])
         workers = make_workers(cfg)  # a cluster that cannot host the blocks fails here, before any run is opened
         stack.callback(workers.shutdown)
         manifest = resume_run(cfg, store, tracker) if cfg.resume else new_run(cfg, store, tracker, storage, data)
         run_id = manifest.run_id
-        (out / "last_run").write_text(f"{run_id}\n{store.url}\n")
-        log.info("run %s: Redis %s, MLflow %s, storage %s", run_id, store.url, tracker.uri, storage.root)
+        (out / "last_run").write_text(f"{run_id}\n{redact(store.url)}\n")
+        where = redact(store.url), redact(tracker.uri), redact(storage.root)
+        log.info("run %s: Redis %s, MLflow %s, storage %s", run_id, *where)
         workers.attach(store, run_id)
         jobs = select_jobs(manifest, only)
         for job in jobs:

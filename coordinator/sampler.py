@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dblocks.build import export_levels
-from dblocks.config import SampleConfig
+from dblocks.config import SampleConfig, resolve_device
 from dblocks.families import get_family
 from worker.config import load_run_config
 from worker.dataset import open_dataset
@@ -60,10 +60,12 @@ def block_set(tracking_uri: str, prefix: str, alias: str) -> list:
 
 
 class Sampler:
-    def __init__(self, tracking_uri: str, prefix: str, alias: str):
+    def __init__(self, tracking_uri: str, prefix: str, alias: str, device: str = "cpu"):
+        """``device``: where the chained blocks run (a ``train.device`` value, resolved on this machine)."""
         versions = block_set(tracking_uri, prefix, alias)
         loaded = [load_registered_block(tracking_uri, v.name, alias) for v in versions]
-        self.nets = [n for n, _, _ in loaded]
+        self.device = resolve_device(device)
+        self.nets = [n.to(self.device) for n, _, _ in loaded]
         self.plan = [s for _, s, _ in loaded]
         self.meta = loaded[0][2]
         self.family = get_family(self.meta["model"]["family"])
@@ -91,4 +93,4 @@ class Sampler:
         cfg = load_run_config(config)
         data = open_dataset(cfg.data.path)
         res = cfg.family.evaluate(self.nets, self.plan, cfg, data, baseline=self.meta.get("baseline", False))
-        return {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in res.items()}
+        return {k: (v.cpu().numpy() if torch.is_tensor(v) else v) for k, v in res.items()}

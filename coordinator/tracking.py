@@ -27,6 +27,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
+from dblocks.errors import one_line
+from worker.redaction import redact, redact_config
+
 
 class TrackingError(RuntimeError):
     pass
@@ -39,9 +42,10 @@ def check_reachable(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise TrackingError(
-                f"mlflow.tracking_uri={uri}: cannot reach the tracking server ({e}); start it or fix the URI"
+                f"mlflow.tracking_uri={redact(uri)}: cannot reach the tracking server ({redact(one_line(e))}); "
+                "start it or fix the URI"
             ) from None
 
 
@@ -81,7 +85,7 @@ class NullTracker:
         self.runs.setdefault(run_id, {"name": run_id, "tags": {}, "parent": None})["status"] = "RUNNING"
 
     def log_params(self, run_id: str, params: dict) -> None:
-        self.params[run_id].update(_flatten(params))
+        self.params[run_id].update(_flatten(redact_config(params)))
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
         self.metrics[run_id].append((dict(metrics), step))
@@ -110,16 +114,25 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
         check_reachable(tracking_uri)
         self.uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location)
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+            self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location)
+            )
+        except Exception as e:  # noqa: BLE001  (an unknown scheme, a malformed URI, a store that cannot open)
+            what = redact(one_line(e))[:300]
+            raise TrackingError(
+                f"mlflow.tracking_uri={redact(tracking_uri)}: cannot open the tracking store ({type(e).__name__}: "
+                f"{what}); use sqlite:///<path>.db or http(s)://host:port, or leave it unset"
+            ) from None
         self._monitor: SystemMetricsMonitor | None = None
 
     # ---- runs -----------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict, parent_id: str | None = None, system_metrics: bool = False) -> str:
-        tags = {k: str(v) for k, v in tags.items()}
+        tags = {k: redact(str(v)) for k, v in tags.items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -137,7 +150,7 @@ class MlflowTracker:
         self._monitor.start()
 
     def log_params(self, run_id: str, params: dict) -> None:
-        flat = _flatten(params)
+        flat = _flatten(redact_config(params))
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             try:
@@ -156,7 +169,7 @@ class MlflowTracker:
             self.client.log_batch(run_id, metrics=ms)
 
     def log_dict(self, run_id: str, obj: dict, path: str) -> None:
-        self.client.log_dict(run_id, obj, path)
+        self.client.log_dict(run_id, redact_config(obj), path)
 
     def log_artifact(self, run_id: str, local: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local), artifact_path)
@@ -179,7 +192,7 @@ class MlflowTracker:
                 artifacts={"block": str(export_file)},
                 pip_requirements=["torch", "safetensors", "numpy"],
             )
-        mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        mv = mlflow.register_model(info.model_uri, name, tags={k: redact(str(v)) for k, v in tags.items()})
         self.client.set_registered_model_alias(name, alias, mv.version)
         return mv.version
 

@@ -166,7 +166,7 @@ class RayWorkers:
             block_set(*spec)  # refuse a bad set here, in one line, not inside an actor
         w = self.cfg.workers
         actor_cls = self.ray.remote(num_cpus=min(1.0, w.num_cpus), num_gpus=w.num_gpus)(Sampler)
-        actors = [actor_cls.remote(*s) for s in specs]
+        actors = [actor_cls.remote(*s, self.cfg.train.device) for s in specs]  # on its GPU, if it has one
         return [lambda m, a, _x=x: getattr(_x, m).remote(*a) for x in actors]
 
     def get(self, refs):
@@ -187,6 +187,7 @@ class InlineWorkers:
         self.store: RunStore | None = None
         self.run_id = ""
         self.queue: list[JobId] = []
+        self.device = cfg.train.device if cfg is not None else "cpu"  # the samplers'
 
     def attach(self, store: RunStore, run_id: str) -> None:
         self.store, self.run_id = store, run_id  # the object itself: a MemoryStore works too
@@ -211,7 +212,7 @@ class InlineWorkers:
             return [(job, None, e)]
 
     def samplers(self, specs: list[tuple[str, str, str]]) -> list[Caller]:
-        objs = [Sampler(*s) for s in specs]
+        objs = [Sampler(*s, self.device) for s in specs]
         return [lambda m, a, _x=x: getattr(_x, m)(*a) for x in objs]
 
     def get(self, values):

@@ -22,6 +22,7 @@ from .families import get_family
 from .families.base import eval_ranges, plan_for
 from .levels import Levels, SigmaLevels
 from .plan import BlockSpec
+from .precision import checkpoint_layers, mode_for
 from .seeds import block_seed, seeded
 from .trainer import BlockTrainer
 
@@ -57,8 +58,18 @@ def make_trainer(cfg: RunConfig, spec: BlockSpec, *, baseline: bool = False, dev
     if device is not None:
         net = net.to(device)
     weighted = cfg.train.loss_weighting
-    loss = cfg.family.loss(cfg.model.resolved(), cfg.levels, baseline=baseline, weighted=weighted)
-    return BlockTrainer(net, spec, loss, cfg.train, cfg.levels, cfg.seed)
+    loss = cfg.family.loss(
+        cfg.model.resolved(), cfg.levels, baseline=baseline, weighted=weighted, ce_weighting=cfg.train.ce_weighting
+    )
+    mode = mode_for(cfg.train.precision)
+    mode.check(next(net.parameters()).device)
+    trainer = BlockTrainer(net, spec, loss, cfg.train, cfg.levels, cfg.seed, mode)
+    # After the trainer's EMA copy: the EMA (evaluated, exported) stays a plain eager module.
+    if cfg.train.activation_checkpointing:
+        checkpoint_layers(trainer.net)
+    if cfg.train.compile:
+        trainer.net.compile()  # in place: parameter names, state_dict and checkpoints are unchanged
+    return trainer
 
 
 def block_from_export(tensors: dict, meta: dict) -> tuple[nn.Module, BlockSpec]:

@@ -32,6 +32,7 @@ if typing.TYPE_CHECKING:  # the registry imports the models; the config reads it
 __all__ = [
     "Backend",
     "BlocksConfig",
+    "CeWeighting",
     "ConfigError",
     "DataConfig",
     "DataSource",
@@ -39,6 +40,7 @@ __all__ = [
     "MlflowConfig",
     "ModelConfig",
     "Partition",
+    "Precision",
     "RayConfig",
     "RedisConfig",
     "RegistryConfig",
@@ -62,6 +64,21 @@ class Grid(StrEnum):
     auto = "auto"
     cdf = "cdf"
     karras = "karras"
+
+
+class Precision(StrEnum):
+    """Training precision of a block (dblocks/precision.py): the optimizer state and EMA stay fp32."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16 (CPU and CUDA)
+    fp16 = "fp16"  # autocast to float16 with a dynamic loss scale (CUDA only)
+
+
+class CeWeighting(StrEnum):
+    """How the discrete families weight the per-sample cross-entropy by w(sigma) (issue: CE weighting)."""
+
+    per_sample = "per_sample"  # Eq. 6 as written: each sample's CE times its own w(sigma)
+    batch_mean = "batch_mean"  # the official code's broadcast: mean(w) * mean(CE) over the batch
 
 
 class DataSource(StrEnum):
@@ -221,6 +238,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; rounded up to a whole work unit
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps: resolve_device()
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only): dblocks/precision.py
+    compile: bool = False  # torch.compile the block's network (its forward and the loss through it)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward (paper App. G)
+    ce_weighting: str = "per_sample"  # discrete families: per_sample w(sigma) (Eq. 6) | batch_mean (official code)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "unit_steps", "checkpoint_every"):
@@ -233,6 +254,10 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.device != "auto":
             _parse_device(self.device)
+        _set_enum(self, "train.precision", Precision)
+        _set_enum(self, "train.ce_weighting", CeWeighting)
+        if self.precision == Precision.fp16 and self.device == "cpu":
+            raise ConfigError("train.precision=fp16: needs CUDA (GradScaler); on a CPU use bf16 or fp32")
 
 
 def _parse_device(name: str) -> torch.device:
@@ -288,6 +313,38 @@ class RayConfig:
 @dataclass(frozen=True)
 class RedisConfig:
     url: str | None = None  # None: an embedded redis-server on a free 127.0.0.1 port, data under output_dir/redis
+
+    def __post_init__(self) -> None:
+        problem = None if self.url is None else _redis_url_problem(str(self.url))
+        if problem:  # the message never repeats the URL: it may hold a password
+            raise ConfigError(
+                f"redis.url: {problem}; expected redis://host:port/db (or rediss://, unix:///path, memory://<name>), "
+                "with :password@ before the host if it needs one, or leave it unset for the embedded Redis"
+            )
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a run-store URL, or None."""
+    from urllib.parse import urlsplit
+
+    if not url.strip():
+        return "empty"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as e:
+        return f"malformed ({e})"
+    if parts.scheme not in ("redis", "rediss", "unix", "memory") or "://" not in url:
+        return f"scheme {parts.scheme + '://' if parts.scheme else '(none)'} is not a run store"
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            return "no host"
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            return f"database {db!r} is not a number"
+    if parts.scheme == "unix" and not parts.path:
+        return "no socket path"
+    return None
 
 
 @dataclass(frozen=True)
@@ -347,6 +404,8 @@ class RunConfig:
     resume: str | None = None  # a run id: continue that run (its manifest in Redis) instead of a new one
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r}: must be an integer")
         family = self.family
         if self.data.path is None and self.data.source != family.data:
             raise ConfigError(

@@ -4,6 +4,8 @@ A plain class a ``for`` loop can drive (the worker wraps it). It owns the block,
 gradient clipping, an EMA copy, the step/sample counters and its own ``torch.Generator``, so
 a step is exactly reproducible and ``state_dict``/``load_state_dict`` resume bit-exactly.
 Only this block's parameters, gradients and optimizer state exist here: ~1/B of the model.
+``train.precision`` (dblocks/precision.py) wraps the forward and loss in autocast and, for fp16, the
+backward and step in a gradient scaler; in fp32 both are pass-throughs and the step is unchanged.
 """
 
 from __future__ import annotations
@@ -17,13 +19,24 @@ from .config import TrainConfig
 from .families.base import LossFn
 from .levels import Levels
 from .plan import BlockSpec
+from .precision import Mode, mode_for
 from .seeds import block_seed
 
 
 class BlockTrainer:
-    def __init__(self, net: nn.Module, spec: BlockSpec, loss_fn: LossFn, train: TrainConfig, levels: Levels, seed: int):
+    def __init__(
+        self,
+        net: nn.Module,
+        spec: BlockSpec,
+        loss_fn: LossFn,
+        train: TrainConfig,
+        levels: Levels,
+        seed: int,
+        mode: Mode | None = None,
+    ):
         """``loss_fn(net, batch, level, generator)``: the family's per-sample loss (``Family.loss``);
-        ``levels`` draws each step's noise levels in the block's training range (sigma, or MDM's t)."""
+        ``levels`` draws each step's noise levels in the block's training range (sigma, or MDM's t);
+        ``mode``: the precision mode (default: ``train.precision``'s)."""
         self.net, self.spec, self.loss_fn, self.train, self.levels = net, spec, loss_fn, train, levels
         self.ema = copy.deepcopy(net).requires_grad_(False)
         params = list(net.parameters())
@@ -34,6 +47,9 @@ class BlockTrainer:
             params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay, fused=fused
         )
         self.generator = torch.Generator().manual_seed(block_seed(seed, spec.index))
+        self.device = params[0].device
+        self.mode = mode or mode_for(train.precision)
+        self.scaler = self.mode.scaler(self.device)
         self.step_count = 0
         self.samples = 0
 
@@ -59,12 +75,15 @@ class BlockTrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
-        losses = self.loss_fn(self.net, batch, level, self.generator)
+        with self.mode.autocast(self.device):
+            losses = self.loss_fn(self.net, batch, level, self.generator).float()
         loss = losses.mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # clip the true gradients; no-op unless the loss is scaled
         grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.train.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)  # skipped (and the scale lowered) when a scaled gradient overflowed
+        self.scaler.update()
         self.step_count += 1
         self.samples += n
         self._update_ema(n)
@@ -93,6 +112,8 @@ class BlockTrainer:
         tensors["rng"] = self.generator.get_state()
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
         meta = {"step": self.step_count, "samples": self.samples, "block": self.spec.index, "param_groups": groups}
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict()
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -114,4 +135,6 @@ class BlockTrainer:
         ]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
         self.generator.set_state(tensors["rng"])
+        if self.scaler.is_enabled() and "grad_scaler" in meta:
+            self.scaler.load_state_dict(meta["grad_scaler"])
         self.step_count, self.samples = meta["step"], meta["samples"]

@@ -51,8 +51,8 @@ def test_run_prints_the_composed_config_without_starting_anything(tmp_path):
 
 
 def test_a_bad_override_names_its_key(tmp_path):
-    out = cli("dblocks-run", "train.lr=abc", cwd=tmp_path)
-    assert out.returncode != 0 and "train.lr" in out.stderr.splitlines()[0]
+    assert one_line_error(cli("dblocks-run", "train.lr=abc", cwd=tmp_path)) == "error: train.lr=abc: expected a number"
+    assert list(tmp_path.iterdir()) == []  # refused before Hydra made a run directory
 
 
 def test_a_broken_rule_is_one_line(tmp_path):

@@ -32,6 +32,7 @@ import torch
 from dblocks.build import make_trainer
 from dblocks.checkpoint import load_checkpoint, save_checkpoint
 from dblocks.config import RunConfig, resolve_device
+from dblocks.families.base import effective_batch
 from dblocks.trainer import BlockTrainer
 from dblocks.units import WorkUnit, apply_unit
 
@@ -70,8 +71,15 @@ def bucket_losses(level: torch.Tensor, losses: torch.Tensor, edges: torch.Tensor
     return {f"loss_sigma_bucket{k}": losses[idx == k].mean().item() for k in range(len(edges) - 1) if (idx == k).any()}
 
 
-def _rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+def unit_memory(device: torch.device) -> dict[str, float]:
+    """Memory of the unit just trained: the process RSS, and on CUDA the peak bytes allocated and
+    reserved by torch since the previous call (``torch.cuda.max_memory_allocated``), in MiB."""
+    out = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        out["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 class Heartbeat:
@@ -123,7 +131,9 @@ class BlockWorker:
         """What this process holds: trainable parameters of every torch module it has built."""
         import gc
 
-        params = {id(p): p for p in gc.get_objects() if isinstance(p, torch.nn.Parameter) and p.requires_grad}
+        # type(), not isinstance(): gc also returns weak proxies (torch.compile's), whose isinstance raises
+        objs = gc.get_objects()
+        params = {id(p): p for p in objs if issubclass(type(p), torch.nn.Parameter) and p.requires_grad}
         block = trainable_parameters(self.trainer.net) if self.trainer else 0
         return {"trainable": sum(p.numel() for p in params.values()), "block": block}
 
@@ -224,7 +234,7 @@ class BlockWorker:
                 store.ack(run, job, unacked)  # only now: a durable checkpoint covers these units
                 unacked, last_ckpt_step = [], trainer.step_count
             rate = unit.steps * cfg.train.batch_size / dt
-            extra = {"samples_per_s": rate, "unit": unit.seq, "rss_mb": _rss_mb(), "t": time.time()}
+            extra = {"samples_per_s": rate, "unit": unit.seq, **unit_memory(device), "t": time.time()}
             store.log_metrics(run, job, {**metrics, "step": trainer.step_count, "samples": trainer.samples, **extra})
             store.incr(run, job, "units_applied")  # every application, re-applications after a crash included
             heartbeat.report(
@@ -257,8 +267,10 @@ class BlockWorker:
     def _apply(self, trainer, unit: WorkUnit, rows: tuple[torch.Tensor, ...], edges: torch.Tensor) -> dict:
         steps = apply_unit(trainer, unit, rows)
         level, losses = torch.cat([s["sigma"] for s in steps]), torch.cat([s["losses"] for s in steps])
+        weight = trainer.loss_fn.weight  # the family's per-sample loss weight (a WeightedLoss)
         return {
             "loss": losses.mean().item(),
+            "effective_batch": sum(effective_batch(weight(s["sigma"])) for s in steps) / len(steps),
             "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
             "lr": steps[-1]["lr"],
             **bucket_losses(level, losses, edges),

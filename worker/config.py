@@ -33,6 +33,8 @@ from dblocks.config import (
     model_options,
 )
 
+from .redaction import redact
+
 
 @dataclass(frozen=True)
 class RunArgs(RunConfig):
@@ -124,6 +126,68 @@ def load_command(cfg: DictConfig) -> tuple[RunConfig, dict]:
     d = OmegaConf.to_container(cfg, resolve=True)
     args = {name: d.pop(name) for name in own}
     return load_run_config(d), args
+
+
+def check_command_line(config_name: str, args: list[str]) -> DictConfig | None:
+    """The command line's overrides composed once before Hydra runs the command, so that a wrong type
+    (``train.lr=abc``, ``seed=abc``), an unknown key or option, or an override Hydra cannot parse is a
+    one-line ConfigError naming the key and what it expects, not Hydra's multi-line report. Returns the
+    composed config; Hydra's own flags (``--cfg``, ``--help``, ``-m``, ...) leave the check to Hydra (None)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if any(a.startswith("-") for a in args):
+        return None
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name, overrides=list(args))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(redact(_override_error(e, args))) from None
+
+
+_EXPECTED = {"Float": "a number", "Integer": "an integer", "String": "a string", "Boolean": "true or false"}
+
+
+def _override_error(e: Exception, args: list[str]) -> str:
+    """A composition error as ``key=value: what is wrong; what to do``."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    what = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    key = getattr(cause, "full_key", None)
+    if isinstance(e, OverrideParseException):
+        bad = next((a for a in args if _parses_not(a)), " ".join(args))
+        return f"{bad}: Hydra cannot parse this override ({what}); quote the value, e.g. 'key=\"value\"'"
+    if isinstance(e, MissingConfigException):  # a group option that does not exist: model=nope
+        text = str(e)
+        listed = text.split("Available options in", 1)[-1].split("Config search path", 1)[0]
+        options = [line.strip() for line in listed.splitlines()[1:] if line.strip()]
+        group = text.split("Could not find '", 1)[-1].split("/", 1)[0]
+        given = next((a for a in args if a.split("=", 1)[0].lstrip("+~") == group), group)
+        return f"{given}: no such option; choose one of {', '.join(options)}"
+    if not key:
+        return what
+    given = next((a for a in args if a.split("=", 1)[0].lstrip("+~") == key), key)
+    if "could not be converted to" in what:
+        kind = what.rsplit(" ", 1)[-1]
+        return f"{given}: expected {_EXPECTED.get(kind, kind)}"
+    if "is not a valid bool" in what:
+        return f"{given}: expected true or false"
+    if "is not a ListConfig, list or tuple" in what:
+        return f"{given}: expected a list, e.g. {key}=[0,1]"
+    if what.startswith("Key ") and " not in " in what:
+        return f"{given}: no such setting ({what}); --cfg job prints every key"
+    return f"{given}: {what}"
+
+
+def _parses_not(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except Exception:  # noqa: BLE001  (any parser error marks the override)
+        return True
+    return False
 
 
 def _one_line(e: OmegaConfBaseException) -> str:

@@ -17,9 +17,18 @@ import pyarrow.fs as pafs
 
 from dblocks.errors import one_line
 
+from .redaction import redact
+
 
 class StorageError(RuntimeError):
     pass
+
+
+def _why(e: BaseException, limit: int = 240) -> str:
+    """An error's message for a one-line report: one line, URL passwords masked, at most ``limit``
+    characters (pyarrow's HDFS error lists every libjvm path it tried)."""
+    text = redact(one_line(e))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Storage:
@@ -31,7 +40,21 @@ class Storage:
             else:
                 self.fs, self._base = pafs.LocalFileSystem(), str(Path(root).resolve())
         except (pa.ArrowException, OSError, ValueError) as e:  # an unknown scheme, a bad URI, no such bucket
-            raise StorageError(f"storage.path={root!r}: {one_line(e)}") from None
+            raise StorageError(f"storage.path={redact(root)!r}: {_why(e)}") from None
+
+    def check_writable(self) -> None:
+        """Create the root and write, then delete, a probe file there: a root that cannot take the
+        run's checkpoints fails at start, in one line naming ``storage.path``."""
+        probe = f".probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.create_dir(self._base, recursive=True)
+            with self.fs.open_output_stream(self.path(probe)) as f:
+                f.write(b"")
+            self.fs.delete_file(self.path(probe))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise StorageError(
+                f"storage.path={redact(self.root)}: cannot write there ({_why(e)}); choose a path or URI you can write"
+            ) from None
 
     def path(self, rel: str) -> str:
         return f"{self._base.rstrip('/')}/{rel}"

@@ -15,23 +15,28 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..config import CeWeighting
 from ..datacard import Vocabulary
 from ..levels import SigmaLevels
-from ..loss import weighted_ce
 from ..models.ar import AR_SIZES, ARBaseline, ARBlock, ARConfig, build_ar
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
 from ..text import CHAMPION_MAX_BPC, SHAKESPEARE, TextSplit, next_token_pairs, text_split
 from .base import Family, Headline, Row
-from .discrete import ChainLogits, DiscreteDenoiser, chain_logits
-
+from .discrete import (
+    ChainLogits,
+    Decoder,
+    DiscreteDenoiser,
+    chain_decoders,
+    chain_logits,
+    discrete_loss,
+    lm_decoders,
+    token_ce,
+)
 
 # ---- losses -------------------------------------------------------------------------------------
-def next_token_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Plain next-token cross-entropy, averaged over positions: (N, T, K), (N, T) -> (N,)."""
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1)
+next_token_ce = token_ce  # plain next-token cross-entropy, averaged over positions: (N, T, K), (N, T) -> (N,)
 
 
 def ar_loss(
@@ -42,15 +47,17 @@ def ar_loss(
     sigma_data: float = SIGMA_DATA,
     *,
     weighted: bool = True,
+    ce_weighting: str = CeWeighting.per_sample,
 ) -> torch.Tensor:
     """Per-sample Eq. 6: w(sigma) mean_i CE(logits_i, y_i) with z_i = E[y_i] + sigma eps_i (design.md 1.5);
-    ``weighted=False``: without w(sigma). With the mixed head, plus the unweighted plain next-token CE."""
+    ``weighted=False``: without w(sigma); ``ce_weighting``: :func:`~.discrete.ce_weight`. With the
+    mixed head, plus the unweighted plain next-token CE."""
     x, y = next_token_pairs(*batch)
     table = net.target_table
     eps = torch.randn((*y.shape, table.shape[1]), generator=generator, dtype=table.dtype).to(y.device)
     z = table[y] + sigma.to(table.dtype)[:, None, None] * eps  # (N, T, D)
     logits, next_logits = net(x, z, sigma, sigma_data)
-    loss = weighted_ce(logits, y, sigma, sigma_data) if weighted else next_token_ce(logits, y)
+    loss = discrete_loss(logits, y, sigma, sigma_data, weighted=weighted, ce_weighting=ce_weighting)
     return loss if next_logits is None else loss + next_token_ce(next_logits, y)
 
 
@@ -127,6 +134,24 @@ def generate_ar(
     return vocab.decode(ids.tolist())
 
 
+def ar_decoders(nets: list[nn.Module], plan: list[BlockSpec], levels: SigmaLevels, *, baseline: bool) -> dict:
+    """The next-character decodings of the sample-based evaluation: the LM's logits
+    (``discrete.lm_decoders``) or the B-step chain's final logits (``discrete.chain_decoders``),
+    every draw from the caller's generator."""
+    for net in nets:
+        net.eval()
+    if baseline:
+        return lm_decoders(lambda x, g: nets[0](x))
+    denoisers = [ar_denoiser(net, levels.sigma_data) for net in nets]
+    width, device = nets[0].cfg.width, _device(nets)
+
+    def chain(x: torch.Tensor, generator: torch.Generator, *, noise: float) -> torch.Tensor:
+        z = (noise * levels.sigma_max) * torch.randn(*x.shape, width, generator=generator).to(device)
+        return _chain(denoisers, plan, x, z, levels).final
+
+    return chain_decoders(chain)
+
+
 # ---- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_ar(
@@ -195,6 +220,9 @@ class AR(Family):
     block_loss = staticmethod(ar_loss)
     make_denoiser = staticmethod(ar_denoiser)
     baseline_loss = staticmethod(ar_baseline_loss)
+
+    def decoders(self, nets, plan, run, *, baseline: bool) -> dict[str, Decoder]:
+        return ar_decoders(list(nets), list(plan), run.levels, baseline=baseline)
 
     def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
         """evaluate_ar's metrics plus the headline ``val_bpc`` = val_ce / ln 2."""

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
+from ..config import CeWeighting
 from ..datacard import DataCard, SplitSource
 from ..errors import ConfigError
 from ..levels import Levels, SigmaLevels
 from ..plan import BlockSpec, make_plan
+from .discrete import Decoder, ce_weight
 
 if TYPE_CHECKING:  # the config imports the registry; the families only read a RunConfig
     from ..config import RunConfig
@@ -28,6 +30,36 @@ CHAMPION_MIN_ACCURACY = 0.8  # the digits families' headline threshold (samples'
 
 # loss(net, batch, level, generator) -> per-sample loss (N,): level is sigma or MDM's t.
 LossFn = Callable[[nn.Module, tuple, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def unit_weight(level: torch.Tensor) -> torch.Tensor:
+    """The weight of an unweighted loss: 1 for every sample (N,)."""
+    return torch.ones(level.shape, dtype=torch.float64)
+
+
+def effective_batch(w: torch.Tensor) -> float:
+    """Kish's effective sample size (sum w)^2 / sum w^2 of one batch's per-sample loss weights w (N,):
+    N when all weights are equal, 1 when one sample carries all of it."""
+    w = w.double()
+    return float(w.sum() ** 2 / w.square().sum())
+
+
+@dataclass(frozen=True)
+class WeightedLoss:
+    """A family's per-sample loss (a ``LossFn``) with the weight it puts on each sample at a batch
+    of levels, ``weight(level) -> (N,)`` (the worker logs :func:`effective_batch` of it)."""
+
+    fn: LossFn
+    weight: Callable[[torch.Tensor], torch.Tensor] = unit_weight
+
+    def __call__(self, net: nn.Module, batch: tuple, level: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.fn(net, batch, level, generator)
+
+
+def refuse_batch_mean(run: RunConfig, why: str) -> None:
+    """The one-line ConfigError of a family whose loss is not a weighted CE of Eq. 6."""
+    if run.train.ce_weighting == CeWeighting.batch_mean:
+        raise ConfigError(f"train.ce_weighting=batch_mean: {why}; use per_sample")
 
 
 @dataclass(frozen=True)
@@ -110,12 +142,17 @@ class Family:
     block_loss: ClassVar[Callable[..., torch.Tensor]]
     baseline_loss: ClassVar[LossFn]
 
-    def loss(self, cfg, levels: Levels, *, baseline: bool, weighted: bool) -> LossFn:
-        """The per-sample loss: Eq. 6 for a block (``weighted=False``: without w(sigma), the
-        ablation); the baseline's own objective for ``baseline`` (unchanged by ``weighted``)."""
+    def loss(
+        self, cfg, levels: Levels, *, baseline: bool, weighted: bool, ce_weighting: str = CeWeighting.per_sample
+    ) -> WeightedLoss:
+        """The per-sample loss of a discrete family: Eq. 6 for a block (``weighted=False``: without
+        w(sigma), the ablation; ``ce_weighting``: :func:`~.discrete.ce_weight`); the baseline's own
+        objective for ``baseline`` (unweighted, unchanged by either)."""
         if baseline:
-            return self.baseline_loss
-        return partial(self.block_loss, sigma_data=levels.sigma_data, weighted=weighted)
+            return WeightedLoss(self.baseline_loss)
+        sd = levels.sigma_data
+        fn = partial(self.block_loss, sigma_data=sd, weighted=weighted, ce_weighting=ce_weighting)
+        return WeightedLoss(fn, partial(ce_weight, sigma_data=sd, weighting=ce_weighting) if weighted else unit_weight)
 
     # ---- inference -----------------------------------------------------------------------
     # (net, sigma_data) -> the sampler's callable D(z, sigma, **cond); the default ``denoiser`` binds it.
@@ -132,6 +169,13 @@ class Family:
         ``data``; floats keyed as in ``rows`` and ``headline``, plus ``samples``/``labels`` (images)
         or ``sample_text`` (text)."""
         raise NotImplementedError
+
+    def decoders(
+        self, nets: Sequence[nn.Module], plan: Sequence[BlockSpec], run: RunConfig, *, baseline: bool
+    ) -> dict[str, Decoder]:
+        """The ways to decode a next character of a trained text model (``argmax``, ``sampled``, and
+        the end-to-end model's ``top_p``), for the judge's sample-based metrics (dblocks/judge.py)."""
+        raise NotImplementedError(f"the {self.name} family does not decode characters one at a time")
 
     def generate(
         self,

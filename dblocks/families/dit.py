@@ -27,9 +27,18 @@ from ..loss import weighted_l2
 from ..metrics import ImageClassifier, accuracy, frechet_distance, heldout_loss, train_classifier
 from ..models.dit import DIT_SIZES, DiTBlock, DiTConfig, build_dit
 from ..plan import BlockSpec, plan_boundaries
-from ..precond import SIGMA_DATA, denoise
+from ..precond import SIGMA_DATA, denoise, loss_weight
 from ..sampling import BlockRouter, classifier_free_guidance, sample_euler
-from .base import CHAMPION_MIN_ACCURACY, Family, Headline, LossFn, Row, eval_ranges
+from .base import (
+    CHAMPION_MIN_ACCURACY,
+    Family,
+    Headline,
+    Row,
+    WeightedLoss,
+    eval_ranges,
+    refuse_batch_mean,
+    unit_weight,
+)
 
 
 # ---- loss -----------------------------------------------------------------------------------------
@@ -85,9 +94,9 @@ def generate(
     seed: int = 0,
 ) -> torch.Tensor:
     """Samples of ``shape`` (C, H, W), one per label, with classifier-free guidance (``null_label`` for
-    every label: unconditional, no guidance)."""
-    g = torch.Generator().manual_seed(seed)
-    z = levels.sigma_max * torch.randn((len(labels), *shape), generator=g)
+    every label: unconditional, no guidance), on the labels' device (the blocks' device)."""
+    g = torch.Generator().manual_seed(seed)  # CPU draws, then moved: the same numbers on any device
+    z = (levels.sigma_max * torch.randn((len(labels), *shape), generator=g)).to(labels.device)
     labelled = bool((labels != null_label).any())
     guided = classifier_free_guidance(router, sample.guidance_scale(labelled), null_label) if labelled else router
     grid = sample_grid(sample, levels, len(router.blocks))
@@ -116,13 +125,14 @@ def evaluate(
     (pass the DiffusionBlocks plan's ranges to the baseline too, so the rows compare). Without a
     ``classifier`` (unlabelled data) the classifier metrics are left out."""
     router = chain(nets, plan, levels.sigma_data)
-    x, y = data.test_x, data.test_y
+    device = next(nets[0].parameters()).device  # held-out loss and sampling run there; metrics on CPU
+    x, y = data.test_x.to(device), data.test_y.to(device)
     overall = heldout_loss(router, x, y, levels.sigma_min, levels.sigma_max, levels)
     per_range = [heldout_loss(router, x, y, lo, hi, levels) for lo, hi in ranges]
     null = nets[0].null_label
     labels = sample_labels(nets[0].cfg.num_classes, sample.per_class, null)
     shape = tuple(data.test_x.shape[1:])
-    samples = generate(router, labels, sample, levels, shape=shape, null_label=null, seed=seed)
+    samples = generate(router, labels.to(device), sample, levels, shape=shape, null_label=null, seed=seed).cpu()
     out = {
         "heldout_loss": overall,
         "heldout_loss_per_range": per_range,
@@ -175,16 +185,22 @@ class DiT(Family):
     build = staticmethod(build_dit)
     make_denoiser = staticmethod(block_denoiser)
 
-    def loss(self, cfg: DiTConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool) -> LossFn:
+    def loss(self, cfg: DiTConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool, **_) -> WeightedLoss:
         """Eq. 6 for a block (``weighted=False``: without w(sigma)); the baseline, the B = 1 DiT, keeps
         the weighted Eq. 6 whatever ``weighted`` says (the ablation is of the blocks)."""
-        return partial(dit_loss, sigma_data=levels.sigma_data, weighted=weighted or baseline)
+        weighted = weighted or baseline
+        weight = partial(loss_weight, sigma_data=levels.sigma_data) if weighted else unit_weight
+        return WeightedLoss(partial(dit_loss, sigma_data=levels.sigma_data, weighted=weighted), weight)
+
+    def check(self, run) -> None:
+        refuse_batch_mean(run, "the DiT's loss is a weighted L2, not a cross-entropy")
 
     def generate(self, nets, plan, levels: SigmaLevels, labels: torch.Tensor, sample, *, seed: int) -> torch.Tensor:
         cfg = nets[0].cfg
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
         router = chain(nets, plan, levels.sigma_data)
-        return generate(router, labels, sample, levels, shape=shape, null_label=nets[0].null_label, seed=seed)
+        labels = labels.to(next(nets[0].parameters()).device)
+        return generate(router, labels, sample, levels, shape=shape, null_label=nets[0].null_label, seed=seed).cpu()
 
     def data_fields(self, card, run) -> dict:
         """The image shape and classes; on unlabelled images the DiT is unconditional (0 classes:

@@ -10,19 +10,20 @@ masked) to t = 0 on a uniform grid; each step calls only the block owning its t 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..levels import TimeLevels
-from ..masking import elbo_integrand, get_schedule, mask_tokens
+from ..masking import elbo_integrand, elbo_weight, get_schedule, mask_tokens
 from ..models.mdm import MDM_SIZES, MDMBlock, MDMConfig, build_mdm
 from ..noise import route
 from ..plan import BlockSpec, plan_boundaries
 from ..sampling import BlockRouter
 from ..text import CHAMPION_MAX_BPC, TextSplit, text_split
-from .base import Family, Headline, LossFn, Row
+from .base import Family, Headline, Row, WeightedLoss, refuse_batch_mean
 
 
 # ---- the loss (MD4 Eq. 5) -------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class MDM(Family):
         return TimeLevels(schedule=cfg.schedule)
 
     def check(self, run) -> None:
+        refuse_batch_mean(run, "the mdm family's w(t) belongs to the ELBO (averaging it breaks the bound)")
         if not run.train.loss_weighting:
             raise ConfigError(
                 "train.loss_weighting=false: the mdm family's ELBO weight is not an ablation; keep it true"
@@ -177,9 +179,11 @@ class MDM(Family):
 
     build = staticmethod(build_mdm)
 
-    def loss(self, cfg: MDMConfig, levels: TimeLevels, *, baseline: bool, weighted: bool) -> LossFn:
-        """MD4's ELBO integrand; w(t) belongs to the ELBO, so ``weighted`` does not apply (``check``)."""
-        return mdm_baseline_loss if baseline else mdm_loss
+    def loss(self, cfg: MDMConfig, levels: TimeLevels, *, baseline: bool, weighted: bool, **_) -> WeightedLoss:
+        """MD4's ELBO integrand; w(t) belongs to the ELBO, so ``weighted`` and ``ce_weighting`` do
+        not apply (``check``). Its weight is the ELBO's w(t)."""
+        fn = mdm_baseline_loss if baseline else mdm_loss
+        return WeightedLoss(fn, partial(elbo_weight, name=cfg.schedule))
 
     def denoiser(self, net: MDMBlock, levels: TimeLevels):
         return mdm_denoiser(net)

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import CeWeighting
 from ..errors import ConfigError
 from ..levels import SigmaLevels
-from ..loss import weighted_ce
 from ..models.recurrent import (
     RECURRENT_SIZES,
     RecurrentBaseline,
@@ -33,7 +33,15 @@ from ..precond import SIGMA_DATA
 from ..text import CHAMPION_MAX_BPC, TextSplit, next_token_pairs, text_split
 from .ar import next_token_ce
 from .base import Family, Headline, Row
-from .discrete import ChainLogits, DiscreteDenoiser, chain_logits
+from .discrete import (
+    ChainLogits,
+    Decoder,
+    DiscreteDenoiser,
+    chain_decoders,
+    chain_logits,
+    discrete_loss,
+    lm_decoders,
+)
 
 
 # ---- losses -------------------------------------------------------------------------------------
@@ -45,14 +53,15 @@ def recurrent_loss(
     sigma_data: float = SIGMA_DATA,
     *,
     weighted: bool = True,
+    ce_weighting: str = CeWeighting.per_sample,
 ) -> torch.Tensor:
     """Per-sample Eq. 6 in ONE pass: z = E[y] + sigma eps, loss = w(sigma) mean_i CE(logits_i, y_i)
-    (``weighted=False``: without w(sigma))."""
+    (``weighted=False``: without w(sigma); ``ce_weighting``: :func:`~.discrete.ce_weight`)."""
     x, y = next_token_pairs(*batch)  # (N, T)
     eps = torch.randn((*y.shape, net.cfg.width), generator=generator).to(y.device)
     z = net.targets[y] + sigma.to(eps.dtype).reshape(-1, 1, 1) * eps  # (N, T, D)
     logits = net(z, sigma, net.context(x), sigma_data=sigma_data)
-    return weighted_ce(logits, y, sigma, sigma_data) if weighted else next_token_ce(logits, y)
+    return discrete_loss(logits, y, sigma, sigma_data, weighted=weighted, ce_weighting=ce_weighting)
 
 
 def recurrent_baseline_loss(
@@ -72,14 +81,25 @@ def recurrent_denoiser(net: RecurrentBlock, sigma_data: float = SIGMA_DATA) -> D
     return DiscreteDenoiser(partial(net, sigma_data=sigma_data), net.targets)
 
 
+def _generator(seed: int, generator: torch.Generator | None) -> torch.Generator:
+    return generator if generator is not None else torch.Generator().manual_seed(seed)
+
+
 @torch.no_grad()
 def recurrent_chain(
-    net: RecurrentBlock, x: torch.Tensor, levels: SigmaLevels, *, iterations: int | None = None, seed: int = 0
+    net: RecurrentBlock,
+    x: torch.Tensor,
+    levels: SigmaLevels,
+    *,
+    iterations: int | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    noise: float = 1.0,
 ) -> ChainLogits:
-    """K = ``iterations`` (cfg default) Euler steps on ``levels.grid(K)`` from z = sigma_max N(0, I)
-    (a generator seeded ``seed``), one core + coda call each; the prelude runs once."""
+    """K = ``iterations`` (cfg default) Euler steps on ``levels.grid(K)`` from z = noise sigma_max N(0, I)
+    (drawn from ``generator``, default one seeded ``seed``), one core + coda call each; the prelude runs once."""
     e = net.context(x)  # (N, T, D), once
-    z = levels.sigma_max * torch.randn(e.shape, generator=torch.Generator().manual_seed(seed)).to(e.device)
+    z = (noise * levels.sigma_max) * torch.randn(e.shape, generator=_generator(seed, generator)).to(e.device)
     grid = levels.grid(iterations or net.cfg.iterations)
     denoiser = recurrent_denoiser(net, levels.sigma_data)
     return chain_logits([denoiser], [levels.sigma_min, levels.sigma_max], z, grid, context=e)
@@ -87,18 +107,33 @@ def recurrent_chain(
 
 @torch.no_grad()
 def predict_recurrent(
-    net: RecurrentLM, x: torch.Tensor, levels: SigmaLevels, *, iterations: int | None = None, seed: int = 0
+    net: RecurrentLM,
+    x: torch.Tensor,
+    levels: SigmaLevels,
+    *,
+    iterations: int | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next-character logits (N, T, V) for x (N, T) after K = ``iterations`` core calls (cfg default).
 
     DiffusionBlocks: the final call's logits of :func:`recurrent_chain`. Baseline: K recurrent
-    iterations from s_0 ~ N(0, init_std^2 I), drawn from a generator seeded ``seed``.
+    iterations from s_0 ~ N(0, init_std^2 I), drawn from ``generator`` (default one seeded ``seed``).
     """
     if not isinstance(net, RecurrentBaseline):
-        return recurrent_chain(net, x, levels, iterations=iterations, seed=seed).final
+        return recurrent_chain(net, x, levels, iterations=iterations, seed=seed, generator=generator).final
     e = net.context(x)
-    s0 = net.cfg.init_std * torch.randn(e.shape, generator=torch.Generator().manual_seed(seed)).to(e.device)
+    s0 = net.cfg.init_std * torch.randn(e.shape, generator=_generator(seed, generator)).to(e.device)
     return net(e, s0, iterations or net.cfg.iterations)
+
+
+def recurrent_decoders(net: RecurrentLM, levels: SigmaLevels, *, baseline: bool) -> dict[str, Decoder]:
+    """The next-character decodings of the sample-based evaluation (``discrete.lm_decoders`` /
+    ``discrete.chain_decoders``), every draw from the caller's generator."""
+    net.eval()
+    if baseline:
+        return lm_decoders(lambda x, g: predict_recurrent(net, x, levels, generator=g))
+    return chain_decoders(lambda x, g, noise: recurrent_chain(net, x, levels, generator=g, noise=noise).final)
 
 
 def first_call_logits(net: RecurrentBlock, x: torch.Tensor, levels: SigmaLevels, *, seed: int = 0) -> torch.Tensor:
@@ -194,6 +229,9 @@ class Recurrent(Family):
     block_loss = staticmethod(recurrent_loss)
     make_denoiser = staticmethod(recurrent_denoiser)
     baseline_loss = staticmethod(recurrent_baseline_loss)
+
+    def decoders(self, nets, plan, run, *, baseline: bool) -> dict[str, Decoder]:
+        return recurrent_decoders(nets[0], run.levels, baseline=baseline)
 
     def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
         split = text_split(data, run.model.resolved().seq_len)

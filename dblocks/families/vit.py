@@ -18,16 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import CeWeighting
 from ..data import ImageSplit, image_split
 from ..errors import ConfigError
 from ..levels import SigmaLevels
-from ..loss import weighted_ce
 from ..models.vit import VIT_SIZES, ViTBaseline, ViTBlock, ViTConfig, build_vit
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
 from ..sampling import BlockRouter
 from .base import CHAMPION_MIN_ACCURACY, Family, Headline, Row
-from .discrete import DiscreteDenoiser, chain_logits
+from .discrete import DiscreteDenoiser, chain_logits, discrete_loss
 
 
 # ---- losses ---------------------------------------------------------------------------------------
@@ -44,16 +44,15 @@ def vit_loss(
     sigma_data=SIGMA_DATA,
     *,
     weighted=True,
+    ce_weighting: str = CeWeighting.per_sample,
 ) -> torch.Tensor:
     """Per-sample Eq. 6 loss: w(sigma) CE(block(x, E[y] + sigma eps, sigma), y), (N,);
-    ``weighted=False``: the plain CE (Eq. 6 without w(sigma))."""
+    ``weighted=False``: the plain CE (Eq. 6 without w(sigma)); ``ce_weighting``: :func:`~.discrete.ce_weight`."""
     images, labels = batch
     table = net.label_table
     eps = torch.randn((len(labels), table.shape[1]), generator=generator, dtype=table.dtype).to(table.device)
     logits = net(noisy_label(table, labels, sigma, eps), sigma, images, sigma_data=sigma_data)
-    if weighted:
-        return weighted_ce(logits, labels, sigma, sigma_data)
-    return F.cross_entropy(logits, labels, reduction="none")
+    return discrete_loss(logits, labels, sigma, sigma_data, weighted=weighted, ce_weighting=ce_weighting)
 
 
 def vit_baseline_loss(

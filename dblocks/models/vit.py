@@ -18,6 +18,7 @@ loss, the denoiser and the chained prediction live in ``dblocks/families/vit.py`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,13 @@ from ..precond import SIGMA_DATA, edm_readout, edm_scalings
 from .dit import fourier_features, sincos_pos_embed
 from .layers import DiTLayer, PreLNLayer, embedder, modulate, normal_init, xavier_init, zero_init
 from .sizes import sized
+
+
+class Readout(StrEnum):
+    """Where a block's final LayerNorm sits relative to the EDM skip c_out h + c_skip z."""
+
+    skip_then_norm = "skip_then_norm"  # ours: head(adaLN(c_out h + c_skip z)), design.md 1.5
+    norm_then_skip = "norm_then_skip"  # the official code: head(c_out adaLN(h) + c_skip z)
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,11 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 10
     freq_dim: int = 64  # sinusoidal features of c_noise fed to the sigma embedder
+    readout: str = "skip_then_norm"  # Readout: the final LayerNorm after (ours) or before (official) the skip
 
     def __post_init__(self) -> None:
+        if self.readout not in Readout.__members__:
+            raise ValueError(f"model.readout={self.readout!r}: choose one of {', '.join(Readout)}")
         if self.layers < 1:
             raise ValueError(f"model.layers={self.layers}: must be >= 1")
         if self.patch < 1 or self.image_size % self.patch:
@@ -110,9 +121,25 @@ class ViTBlock(nn.Module):
         c = self.sigma_embed(fourier_features(c_noise.to(z.dtype), self.cfg.freq_dim))  # (N, D)
         for layer in self.layers:
             h = layer(h, c)
-        u = edm_readout(h[:, 0], z, sigma, sigma_data)  # (N, D): the denoised label embedding, before the classifier
+        return self.head(READOUTS[Readout(self.cfg.readout)](self, h[:, 0], z, sigma, sigma_data, c))  # (N, K)
+
+    def final_layer(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """adaLN(u | c): the final LayerNorm, modulated by the sigma embedding c, (N, D)."""
         shift, scale = self.final_ada(c).chunk(2, dim=1)
-        return self.head(modulate(self.final_norm(u)[:, None], shift, scale)[:, 0])  # (N, K)
+        return modulate(self.final_norm(u)[:, None], shift, scale)[:, 0]
+
+
+def skip_then_norm(block: ViTBlock, h: torch.Tensor, z: torch.Tensor, sigma, sigma_data: float, c) -> torch.Tensor:
+    """adaLN(c_out h + c_skip z): the denoised label embedding, normalised before the classifier (design.md 1.5)."""
+    return block.final_layer(edm_readout(h, z, sigma, sigma_data), c)
+
+
+def norm_then_skip(block: ViTBlock, h: torch.Tensor, z: torch.Tensor, sigma, sigma_data: float, c) -> torch.Tensor:
+    """c_out adaLN(h) + c_skip z: the official code's order, the skip added after the final layer."""
+    return edm_readout(block.final_layer(h, c), z, sigma, sigma_data)
+
+
+READOUTS = {Readout.skip_then_norm: skip_then_norm, Readout.norm_then_skip: norm_then_skip}
 
 
 class ViTBaseline(nn.Module):

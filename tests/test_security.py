@@ -1,0 +1,77 @@
+"""A password in ``redis.url`` never reaches a file, a log line or an MLflow record of a run."""
+
+from __future__ import annotations
+
+import stat
+import sys
+
+import pytest
+
+from coordinator.redis_server import EmbeddedRedis
+from coordinator.tracking import NullTracker
+from worker.redaction import redact, redact_config
+
+SECRET = "plantedS3cretXYZ"
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (f"redis://:{SECRET}@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+        (f"rediss://default:{SECRET}@h:6380/2", "rediss://default:***@h:6380/2"),
+        (f"http://user:{SECRET}@mlflow:5000", "http://user:***@mlflow:5000"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),  # nothing to hide: unchanged
+        ("http://host:5000/path", "http://host:5000/path"),
+        (
+            f"run x: Redis redis://:{SECRET}@h:1/0, MLflow sqlite:///a.db",
+            "run x: Redis redis://:***@h:1/0, MLflow sqlite:///a.db",
+        ),
+    ],
+)
+def test_redact_masks_the_password_only(url, shown):
+    assert redact(url) == shown
+
+
+def test_params_and_configs_are_redacted():
+    cfg = {"redis": {"url": f"redis://:{SECRET}@h:1/0"}, "train": {"steps": 3}, "x": [f"http://u:{SECRET}@h"]}
+    assert SECRET not in repr(redact_config(cfg)) and redact_config(cfg)["train"] == {"steps": 3}
+    tracker = NullTracker()
+    run = tracker.start_run("r", {})
+    tracker.log_params(run, cfg)
+    assert tracker.params[run]["redis.url"] == "redis://:***@h:1/0"
+
+
+def test_a_run_writes_no_planted_password(tmp_path, monkeypatch, capsys):
+    """A whole debug run on a Redis that requires the password: every file under the output directory
+    (MLflow's sqlite store and artifacts included), the console and the logs are searched for it."""
+    from coordinator.__main__ import main
+
+    out = tmp_path / "out"
+    with EmbeddedRedis(tmp_path / "redis-data", password=SECRET) as server:
+        argv = [
+            "experiment=debug",
+            "workers.backend=inline",
+            f"redis.url={server.url}",
+            f"output_dir={out}",
+            "baseline=false",
+            "train.steps=10",
+            "train.unit_steps=10",
+            "train.checkpoint_every=10",
+            "train.batch_size=16",
+            "sample.steps=5",
+            "sample.per_class=2",
+            "registry.champion_threshold=0",
+        ]
+        monkeypatch.setattr(sys, "argv", ["dblocks-run", *argv])
+        main()
+    said = capsys.readouterr()
+    assert (out / "metrics.json").is_file() and (out / "mlflow.db").is_file()
+    assert SECRET not in said.out + said.err
+    assert "redis://:***@127.0.0.1" in (out / "last_run").read_text()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".hydra" for p in files) and any("mlartifacts" in p.parts for p in files)
+    stored = [p for p in (tmp_path / "redis-data").rglob("*") if p.is_file()]  # the run store's AOF: the manifest
+    leaks = [str(p) for p in files + stored if SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    for saved in (p for p in files if p.parent.name == ".hydra"):
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o600, saved
