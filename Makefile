@@ -30,11 +30,12 @@ test: install                     ## lint (ruff) + the test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~85 min)
+bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~110 min)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/gpu.py
 	$(BIN)/python bench/time_to_quality.py
 
 bench-quick: install
@@ -42,6 +43,7 @@ bench-quick: install
 	$(BIN)/python bench/scaling.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/quality.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/data.py --quick --out /tmp/dblocks-bench-quick
+	$(BIN)/python bench/gpu.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/time_to_quality.py --quick --out /tmp/dblocks-bench-quick
 
 clean:

@@ -257,14 +257,16 @@ def test_position_i_sees_clean_tokens_and_noisy_targets_at_positions_up_to_i_onl
     i = 10
     x2, z2 = x.clone(), z.clone()
     x2[:, i + 1 :] = (x2[:, i + 1 :] + 1) % VOCAB_SIZE
-    z2[:, i + 1 :] += 1.0
+    z2[:, i + 1 :] += torch.randn(CFG.width, generator=torch.Generator().manual_seed(2))
     out = net(z2, sigma, net.prelude(x2))
     torch.testing.assert_close(out[:, : i + 1], base[:, : i + 1], rtol=0, atol=1e-6)
     assert not torch.allclose(out[:, i + 1 :], base[:, i + 1 :])
+    # A random direction, not a constant: a shift along (1, ..., 1) is removed by every LayerNorm.
+    bump = torch.randn(CFG.width, generator=torch.Generator().manual_seed(1))
     for pos in (i, i - 3):  # a clean token <= i, or z_j (j <= i), does reach position i
         x3, z3 = x.clone(), z.clone()
         x3[:, pos] = (x3[:, pos] + 1) % VOCAB_SIZE
-        z3[:, pos] += 1.0
+        z3[:, pos] += bump
         assert not torch.allclose(net(z, sigma, net.prelude(x3))[:, i], base[:, i])
         assert not torch.allclose(net(z3, sigma, net.prelude(x))[:, i], base[:, i])
 
