@@ -152,7 +152,8 @@ def test_finished_blocks_are_registered_tagged_aliased_and_loadable(job, stack):
         assert v.tags["block"] == str(b) and v.tags["num_blocks"] == "2" and v.tags["run_id"] == run
         assert float(v.tags["lo"]) == spec.lo and float(v.tags["hi"]) == spec.hi  # not widened
     assert c.get_model_version_by_alias("debug-e2e-block0", "candidate").tags["num_blocks"] == "1"
-    mlflow.set_tracking_uri(stack["mlflow"])
+    mlflow.set_tracking_uri(stack["mlflow"])  # both: an in-process run of an earlier test set them globally
+    mlflow.set_registry_uri(stack["mlflow"])
     model = mlflow.pyfunc.load_model("models:/debug-block1@champion")
     net = model.unwrap_python_model().net
     weights = exported(stack, "main", run, "blocks/1")
