@@ -272,5 +272,5 @@ def test_the_debug_job_runs_compiled_in_bf16_with_checkpointing(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["registered"] == ["blocks/0", "blocks/1"]
+    assert set(metrics["registered"]) == {"blocks/0", "blocks/1"}
     assert math.isfinite(metrics["results"]["DiffusionBlocks B=2"]["heldout_loss"]), metrics["results"]
