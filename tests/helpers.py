@@ -38,3 +38,37 @@ def binomial_tol(p: float, n: int, z: float = 5.0) -> float:
     """z standard errors of a binomial proportion: a fixed-seed check that a correct
     implementation fails with probability ~6e-7 per comparison (z=5)."""
     return z * math.sqrt(p * (1 - p) / n)
+
+
+# The smallest whole job: the debug preset's 2 blocks (no baseline), one 10-step unit each, inline
+# workers, a few sampling steps, promotion at any value. Add services and output_dir.
+TINY_DEBUG_JOB = [
+    "experiment=debug",
+    "workers.backend=inline",
+    "baseline=false",  # the blocks only: the baseline's path is the same code, twice the time
+    "train.steps=10",
+    "train.unit_steps=10",
+    "train.checkpoint_every=10",
+    "train.batch_size=16",
+    "sample.steps=5",
+    "sample.per_class=2",
+    "registry.champion_threshold=0",
+]
+
+
+def family_run(name: str, batch_size: int = 8, **train):
+    """A RunConfig of family ``name`` at debug size on its built-in data (2 blocks; the recurrent
+    core: 1), with ``train.*`` overrides."""
+    from dblocks.families import FAMILIES
+    from worker.config import load_run_config
+
+    family = FAMILIES[name]
+    return load_run_config(
+        {
+            "name": f"t-{name}",
+            "model": {"family": name, "size": "debug"},
+            "data": {"source": family.data},
+            "blocks": {"num": 1 if family.one_block else 2},
+            "train": {"batch_size": batch_size, **train},
+        }
+    )

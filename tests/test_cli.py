@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_DEBUG_JOB
 from worker.config import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,22 +112,7 @@ def test_the_wheel_ships_the_configs(tmp_path):
 def test_the_debug_run_end_to_end(tmp_path):
     """The whole job in one process: embedded redis-server, sqlite MLflow, inline workers, a tiny budget."""
     out_dir = tmp_path / "out"
-    result = cli(
-        "dblocks-run",
-        "experiment=debug",
-        "workers.backend=inline",
-        f"output_dir={out_dir}",
-        "baseline=false",  # the blocks only: the baseline's path is the same code, twice the time
-        "train.steps=10",
-        "train.unit_steps=10",
-        "train.checkpoint_every=10",
-        "train.batch_size=16",
-        "sample.steps=5",
-        "sample.per_class=2",
-        "registry.champion_threshold=0",
-        cwd=tmp_path,
-        timeout=300,
-    )
+    result = cli("dblocks-run", *TINY_DEBUG_JOB, f"output_dir={out_dir}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out_dir / "mlflow.db").is_file()
     assert (out_dir / "metrics.json").is_file()

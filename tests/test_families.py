@@ -15,23 +15,13 @@ from dblocks.build import make_trainer, model_plans
 from dblocks.families import FAMILIES, Family, Headline, Row
 from dblocks.families.discrete import DiscreteDenoiser, chain_logits
 from dblocks.text import next_token_pairs
-from helpers import SIGMA_DATA
+from helpers import SIGMA_DATA, family_run
 from worker.config import load_run_config
 
 N = 8
 
 
-def _run(name: str, **train):
-    family = FAMILIES[name]
-    return load_run_config(
-        {
-            "name": f"t-{name}",
-            "model": {"family": name, "size": "debug"},
-            "data": {"source": family.data},
-            "blocks": {"num": 1 if family.one_block else 2},
-            "train": {"batch_size": N, **train},
-        }
-    )
+_run = family_run  # (name, **train) -> RunConfig at debug size, batch N
 
 
 def _batch(run) -> tuple:

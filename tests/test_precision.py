@@ -19,22 +19,13 @@ from dblocks.metrics import heldout_loss
 from dblocks.precision import MODES, Mode, checkpoint_layers, mode_for
 from dblocks.precond import denoise
 from dblocks.units import WorkUnit, apply_unit
-from worker.config import load_run_config
+from helpers import TINY_DEBUG_JOB, family_run
 
 N = 8
 
 
 def _run(name: str = "dit", **train):
-    family = FAMILIES[name]
-    return load_run_config(
-        {
-            "name": f"p-{name}",
-            "model": {"family": name, "size": "debug"},
-            "data": {"source": family.data},
-            "blocks": {"num": 1 if family.one_block else 2},
-            "train": {"batch_size": N, "threads": 1, **train},
-        }
-    )
+    return family_run(name, threads=1, **train)
 
 
 def _batch(run, n: int = N) -> tuple:
@@ -249,26 +240,8 @@ def test_the_debug_job_runs_compiled_in_bf16_with_checkpointing(tmp_path):
     """``train.compile=true`` (with bf16 and activation checkpointing) through the whole job: plan,
     inline workers, checkpoints, export, registry, sampling, evaluation."""
     out_dir = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "coordinator",
-        "experiment=debug",
-        "workers.backend=inline",
-        f"output_dir={out_dir}",
-        "baseline=false",
-        "train.steps=20",
-        "train.unit_steps=10",
-        "train.checkpoint_every=10",
-        "train.batch_size=16",
-        "train.threads=1",
-        "train.compile=true",
-        "train.precision=bf16",
-        "train.activation_checkpointing=true",
-        "sample.steps=5",
-        "sample.per_class=2",
-        "registry.champion_threshold=0",
-    ]
+    cmd = [sys.executable, "-m", "coordinator", *TINY_DEBUG_JOB, f"output_dir={out_dir}"]
+    cmd += ["train.threads=1", "train.compile=true", "train.precision=bf16", "train.activation_checkpointing=true"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())

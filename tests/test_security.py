@@ -9,6 +9,7 @@ import pytest
 
 from coordinator.redis_server import EmbeddedRedis
 from coordinator.tracking import NullTracker
+from helpers import TINY_DEBUG_JOB
 from worker.redaction import redact, redact_config
 
 SECRET = "plantedS3cretXYZ"
@@ -48,20 +49,7 @@ def test_a_run_writes_no_planted_password(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "out"
     with EmbeddedRedis(tmp_path / "redis-data", password=SECRET) as server:
-        argv = [
-            "experiment=debug",
-            "workers.backend=inline",
-            f"redis.url={server.url}",
-            f"output_dir={out}",
-            "baseline=false",
-            "train.steps=10",
-            "train.unit_steps=10",
-            "train.checkpoint_every=10",
-            "train.batch_size=16",
-            "sample.steps=5",
-            "sample.per_class=2",
-            "registry.champion_threshold=0",
-        ]
+        argv = [*TINY_DEBUG_JOB, f"redis.url={server.url}", f"output_dir={out}"]
         monkeypatch.setattr(sys, "argv", ["dblocks-run", *argv])
         main()
     said = capsys.readouterr()
