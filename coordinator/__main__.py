@@ -15,14 +15,9 @@ import hydra
 from omegaconf import DictConfig
 
 from dblocks.config import Backend, ConfigError, RunConfig
-from worker.config import check_command_line, config_dir, load_command, register
+from worker.config import check_command_line, config_dir, fail, load_command, register
 from worker.record import JobId
-from worker.redaction import redact, redact_files, redact_logging
-
-
-def fail(e: BaseException) -> None:
-    print(f"error: {redact(str(e).strip().splitlines()[0])}", file=sys.stderr)
-    sys.exit(2)
+from worker.redaction import redact_files, redact_logging
 
 
 def setup_logging() -> None:

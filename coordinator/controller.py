@@ -60,7 +60,8 @@ class Controller:
         self.alive: dict[JobId, float] = {}  # our clock when it last changed, or the job was (re)started
         self.reported: set[JobId] = set()  # jobs whose heartbeat changed since they were (re)started
         self.cursors: dict[JobId, str] = {j: "0" for j in self.jobs}  # last metrics entry forwarded
-        self.silent: set[JobId] = set()  # external jobs whose staleness was already logged
+        self.waiting: dict[JobId, float] = {}  # when a job was first seen waiting for resources
+        self.silent: set[JobId] = set()  # jobs whose staleness (external) or wait for resources was logged
 
     @property
     def finished(self) -> bool:
@@ -108,6 +109,7 @@ class Controller:
         self.beat[job] = self.store.progress(self.run_id, job).get("heartbeat")
         self.workers.start(job)
         self.alive[job] = self.clock()
+        self.waiting.pop(job, None)
         self.reported.discard(job)
 
     def _failed(self, job: JobId, error: BaseException) -> None:
@@ -125,6 +127,17 @@ class Controller:
                 self.beat[job], self.alive[job] = p.get("heartbeat"), now
                 self.reported.add(job)
         for job in sorted(self.workers.running() - self.done):
+            short = None if job in self.reported else self.workers.unschedulable(job)
+            if short is not None:  # waiting for resources, not hung: an autoscaler may add them
+                since = self.waiting.setdefault(job, self.alive[job])
+                self.alive[job] = now  # its start-up time counts from when it can be placed
+                failure = self.policy.unscheduled(job, now - since, short)
+                if failure is not None:
+                    raise failure
+                if job not in self.silent:
+                    self.silent.add(job)
+                    log.warning("%s is waiting for resources: %s", job, short)
+                continue
             stale = self.policy.stale(progress[job], now - self.alive[job], job in self.reported)
             if stale is not None:
                 self.workers.stop(job)

@@ -15,6 +15,10 @@ Two rules, both per block:
   change or (re)started the worker, whichever is later (no clock is compared across machines). A
   worker that has not reported since it was (re)started gets ``startup_seconds`` instead: a Ray
   actor's process start and imports take 10+ s, far longer on a loaded machine.
+* **Unschedulable.** A worker that has not reported while its actor asks for more than the
+  cluster has (``WorkerGroup.unschedulable``) is waiting for resources, not hung: an autoscaler
+  may add them. After ``workers.schedule_timeout`` the run fails in one line naming what is
+  missing (restarting would wait the same way).
 
 An external block (``workers.external``) is not ours to restart: a stale external worker is
 logged once and waited for; its lapsed lease lets another ``python -m worker`` take the block.
@@ -65,6 +69,7 @@ class FailurePolicy:
     max_restarts: int  # workers.max_restarts
     lease_seconds: float  # workers.lease_seconds
     startup_seconds: float = 120.0  # silence allowed before a (re)started worker's first report
+    schedule_timeout: float = 600.0  # workers.schedule_timeout: waiting for resources the cluster lacks
     restarts: Counter = field(default_factory=Counter)  # restarts granted so far, per job
 
     def decide(self, job: JobId, error: BaseException) -> Decision:
@@ -79,6 +84,15 @@ class FailurePolicy:
         if isinstance(error, DETERMINISTIC):
             return RunFailed(f"{job} failed, not restarted (it would fail the same way): {describe(error)}")
         return RunFailed(f"{job} failed {self.restarts[job] + 1} times, last: {describe(error)}")
+
+    def unscheduled(self, job: JobId, waited: float, short: str) -> RunFailed | None:
+        """The error a block whose actor has waited ``waited`` s for resources (``short``: what the
+        cluster lacks) fails the run with, or None while it may still wait."""
+        if waited <= self.schedule_timeout:
+            return None
+        return RunFailed(
+            f"{job} was not scheduled in {waited:.0f} s (workers.schedule_timeout={self.schedule_timeout:g}): {short}"
+        )
 
     def stale(self, progress: Mapping[str, str], quiet: float, reported: bool) -> StaleHeartbeat | None:
         """The error a hung worker counts as, or None while it is alive (or done). ``quiet``: seconds

@@ -208,7 +208,9 @@ def train(
     cfg: RunConfig, manifest: Manifest, store: RunStore, tracker: Tracker, workers: WorkerGroup, jobs: list[JobId]
 ) -> None:
     """Run ``jobs`` to completion under the controller, with the progress display."""
-    policy = FailurePolicy(cfg.workers.max_restarts, cfg.workers.lease_seconds)
+    policy = FailurePolicy(
+        cfg.workers.max_restarts, cfg.workers.lease_seconds, schedule_timeout=cfg.workers.schedule_timeout
+    )
     with Progress() as display:
         Controller(manifest, store, workers, tracker, policy, jobs, on_progress=display.update).run()
 

@@ -6,6 +6,7 @@ write it as a PNG and log it to the run that trained the blocks."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 
 from dblocks.config import ConfigError
 from dblocks.families.dit import sample_labels
-from worker.config import config_dir, load_command, register
+from worker.config import check_command_line, config_dir, load_command, register
 
 from .__main__ import fail, setup_logging
 
@@ -60,6 +61,10 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register()
+    try:
+        check_command_line("sample", sys.argv[1:])  # a wrong type or key: one line, before Hydra's report
+    except ConfigError as e:
+        fail(e)
     _main()
 
 

@@ -35,10 +35,27 @@ class WorkerGroup(Protocol):
     def start(self, job: JobId) -> None: ...
     def stop(self, job: JobId) -> None: ...
     def running(self) -> set[JobId]: ...
+    def unschedulable(self, job: JobId) -> str | None: ...
     def poll(self, timeout: float) -> list[Outcome]: ...
     def samplers(self, specs: list[tuple[str, str, str]]) -> list[Caller]: ...
     def get(self, refs): ...
     def shutdown(self) -> None: ...
+
+
+# Ray binds a local instance's GCS, raylet, workers and agents to the node's address, on all
+# interfaces; with this variable at 0 it uses 127.0.0.1, as on a laptop (ray._private.ray_constants).
+# Set it to 1 in the environment to opt out.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only(ray) -> None:
+    """Make the local Ray about to start listen on 127.0.0.1 only (unless LOOPBACK_ENV says otherwise).
+    The variable is read when ``ray`` is imported: set it for the processes Ray spawns, and set the
+    constant Ray already read in this one."""
+    if os.environ.setdefault(LOOPBACK_ENV, "0") == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_ray_address(address: str) -> None:
@@ -88,6 +105,7 @@ class RayWorkers:
         elif os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the job's cluster
             ray.init(log_to_driver=False)
         else:  # logical CPUs: enough for every block's actor at once (they share the cores)
+            loopback_only(ray)  # a one-machine Ray: its services listen on 127.0.0.1
             jobs = cfg.blocks.num + (1 if cfg.baseline and cfg.blocks.num > 1 else 0)
             cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(jobs * cfg.workers.num_cpus))
             ray.init(
@@ -146,6 +164,10 @@ class RayWorkers:
     def running(self) -> set[JobId]:
         return set(self.refs.values())
 
+    def unschedulable(self, job: JobId) -> str | None:
+        """What ``job``'s actor asks for beyond the cluster's resources now (one line), else None."""
+        return unschedulable(self.cfg.workers, self.ray.cluster_resources()) if job in self.actors else None
+
     def poll(self, timeout: float) -> list[Outcome]:
         if not self.refs:
             return []
@@ -201,6 +223,9 @@ class InlineWorkers:
 
     def running(self) -> set[JobId]:
         return set()
+
+    def unschedulable(self, job: JobId) -> str | None:
+        return None  # this process runs every job
 
     def poll(self, timeout: float) -> list[Outcome]:
         if not self.queue:

@@ -367,6 +367,7 @@ class WorkersConfig:
     external: tuple[int, ...] = ()  # block indices left to `python -m worker block=K run=<id> redis.url=...`
     max_restarts: int = 2  # per block: a failed block is restarted from its checkpoint this often
     lease_seconds: float = 30.0  # a worker that misses heartbeats this long loses its block
+    schedule_timeout: float = 600.0  # seconds a block's actor may wait for resources the cluster lacks
 
     def __post_init__(self) -> None:
         _set_enum(self, "workers.backend", Backend)
@@ -374,6 +375,8 @@ class WorkersConfig:
             raise ConfigError("workers.num_cpus and workers.num_gpus must be >= 0")
         if self.max_restarts < 0:
             raise ConfigError(f"workers.max_restarts={self.max_restarts}: must be >= 0")
+        if not self.schedule_timeout > 0:
+            raise ConfigError(f"workers.schedule_timeout={self.schedule_timeout}: must be > 0 (seconds)")
         object.__setattr__(self, "external", tuple(self.external))
         object.__setattr__(self, "resources", dict(self.resources))
 

@@ -157,3 +157,23 @@ def test_the_console_script_says_one_line(override, expected, tmp_path):
     result = cli("dblocks-run", "experiment=debug", "workers.backend=inline", override, cwd=tmp_path)
     line = one_line_error(result)
     assert line.startswith(expected) and "Traceback" not in result.stderr and "hunter2" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        ("dblocks-worker", ["block=abc"], "error: block=abc: expected an integer"),
+        (
+            "dblocks-worker",
+            ["block=0", "run=r", "redis.url=redis://:hunter2@127.0.0.1:1/0", "train.lr=abc"],
+            "error: train.lr=abc: expected a number",
+        ),
+        ("dblocks-worker", ["blok=0"], "error: blok=0: no such setting"),
+        ("dblocks-sample", ["seed=abc"], "error: seed=abc: expected an integer"),
+        ("dblocks-sample", ["sample.steps=1.5"], "error: sample.steps=1.5: expected an integer"),
+    ],
+)
+def test_the_worker_and_sample_scripts_say_one_line(script, args, expected, tmp_path):
+    result = cli(script, *args, cwd=tmp_path)
+    line = one_line_error(result)
+    assert line.startswith(expected) and "Traceback" not in result.stderr and "hunter2" not in result.stderr

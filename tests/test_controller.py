@@ -39,8 +39,11 @@ class ScriptedWorkers:
     """A dummy worker group. Attempt k of a job does ``script[job][k]``: ``ok`` (when polled: logs
     ``metrics`` entries, reports done, returns a result), ``raise`` (a ValueError), ``bad-row`` (a
     DataError, as the dataset reader raises for a row it refuses), ``hang`` (reports
-    once when started, then never again) or ``silent`` (never reports, like an actor that never comes
-    up). Unscripted jobs are ``ok`` on every attempt."""
+    once when started, then never again), ``silent`` (never reports, like an actor that never comes
+    up) or ``unplaced`` (never reports: its actor asks for more than the cluster has, ``short``).
+    Unscripted jobs are ``ok`` on every attempt."""
+
+    short = "workers.num_cpus=8: the cluster has 4 CPU; lower workers.num_cpus"
 
     def __init__(self, store: MemoryStore, script: dict[JobId, list[str]] | None = None, metrics: int = 1):
         self.store, self.script, self.metrics = store, script or {}, metrics
@@ -65,10 +68,13 @@ class ScriptedWorkers:
     def running(self) -> set[JobId]:
         return set(self.active)
 
+    def unschedulable(self, job: JobId) -> str | None:
+        return self.short if self.active.get(job) == "unplaced" else None
+
     def poll(self, timeout: float) -> list:
         out = []
         for job, what in sorted(self.active.items()):
-            if what in ("hang", "silent"):
+            if what in ("hang", "silent", "unplaced"):
                 continue
             del self.active[job]
             if what in ("raise", "bad-row"):
@@ -146,6 +152,39 @@ def test_a_worker_that_never_reports_gets_the_start_up_time_then_counts_as_hung(
     assert not c.step(timeout=0) and workers.stopped == []
     clock.advance(c.policy.startup_seconds - LEASE)
     assert not c.step(timeout=0) and workers.stopped == [B1] and workers.started.count(B1) == 2
+    assert steps_until_done(c) == 1
+
+
+def test_a_block_waiting_for_resources_is_not_restarted_and_fails_after_the_schedule_timeout(caplog):
+    store, clock = MemoryStore(), Clock()
+    workers = ScriptedWorkers(store, {B1: ["unplaced"]})
+    c = controller(store, workers, clock=clock)
+    c.policy.schedule_timeout = 300
+    c.start()
+    clock.advance(c.policy.startup_seconds + 1)  # past the start-up time: waiting, not hung
+    assert not c.step(timeout=0) and workers.stopped == []
+    assert sum("blocks/1 is waiting for resources: workers.num_cpus=8" in r.message for r in caplog.records) == 1
+    clock.advance(300 - c.policy.startup_seconds)  # 301 s since its start
+    with pytest.raises(RunFailed) as e:
+        c.step(timeout=0)
+    assert str(e.value) == (
+        "blocks/1 was not scheduled in 301 s (workers.schedule_timeout=300): " + ScriptedWorkers.short
+    )
+    assert workers.started.count(B1) == 1 and workers.stopped == []  # no restart spent
+
+
+def test_a_block_placed_after_waiting_gets_its_start_up_time_from_then():
+    store, clock = MemoryStore(), Clock()
+    workers = ScriptedWorkers(store, {B1: ["unplaced", "ok"]})
+    c = controller(store, workers, clock=clock)
+    c.start()
+    clock.advance(500)
+    assert not c.step(timeout=0)
+    workers.active[B1] = "silent"  # the cluster grew: placed, its process is starting
+    clock.advance(c.policy.startup_seconds - 1)
+    assert not c.step(timeout=0) and workers.stopped == []
+    clock.advance(2)
+    assert not c.step(timeout=0) and workers.stopped == [B1]  # now it counts as hung: restarted
     assert steps_until_done(c) == 1
 
 

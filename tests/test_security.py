@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,42 @@ def test_a_run_writes_no_planted_password(tmp_path, monkeypatch, capsys):
     assert leaks == []
     for saved in (p for p in files if p.parent.name == ".hydra"):
         assert stat.S_IMODE(saved.stat().st_mode) == 0o600, saved
+
+
+RAY_LISTENERS = """
+import json, sys, psutil, ray
+from coordinator.workers import RayWorkers
+from dblocks.config import RunConfig
+workers = RayWorkers(RunConfig(), temp_dir=sys.argv[1])
+me = psutil.Process()
+ray_pids = {me.pid} | {p.pid for p in me.children(recursive=True)}  # the driver, its GCS, raylet, workers
+listening = [c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in ray_pids]
+workers.shutdown()
+print(json.dumps(listening))
+"""
+
+
+def test_a_local_ray_listens_on_loopback_only():
+    import json
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths under it must fit 107 bytes
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", RAY_LISTENERS, temp],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listening = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(listening) >= 3  # the GCS, the raylet's servers, the driver's
+    assert {ip.removeprefix("::ffff:") for ip in listening} == {"127.0.0.1"}, listening

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from dblocks.config import ConfigError
 from dblocks.datacard import DataError
 
-from .config import config_dir, load_command, register
+from .config import check_command_line, config_dir, fail, load_command, register
 from .record import JobId
 from .storage import StorageError
 from .store import StoreError
@@ -59,12 +59,15 @@ def _main(cfg: DictConfig) -> None:
             )
         join(block, run_id, run_cfg.redis.url)
     except USER_ERRORS as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
 
 
 def main() -> None:
     register()
+    try:
+        check_command_line("worker", sys.argv[1:])  # a wrong type or key: one line, before Hydra's report
+    except ConfigError as e:
+        fail(e)
     _main()
 
 

@@ -14,6 +14,7 @@ dataclass defaults: the defaults list, the output directory and the experiments.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from importlib.resources import files
 
@@ -126,6 +127,12 @@ def load_command(cfg: DictConfig) -> tuple[RunConfig, dict]:
     d = OmegaConf.to_container(cfg, resolve=True)
     args = {name: d.pop(name) for name in own}
     return load_run_config(d), args
+
+
+def fail(e: BaseException) -> None:
+    """End a console script on a user error: its first line (passwords masked) and exit status 2."""
+    print(f"error: {redact(str(e).strip().splitlines()[0])}", file=sys.stderr)
+    sys.exit(2)
 
 
 def check_command_line(config_name: str, args: list[str]) -> DictConfig | None:
