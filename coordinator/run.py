@@ -49,7 +49,7 @@ from worker.store import RunStore, open_store
 
 from .controller import Controller
 from .data import PrepareConfig, prepare
-from .lock import OutputLock
+from .lock import OutputLock, RunLease
 from .policy import FailurePolicy
 from .progress import Progress
 from .redis_server import EmbeddedRedis
@@ -354,6 +354,7 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
     with OutputLock(out), services(cfg, out) as (store, tracker, storage), contextlib.ExitStack() as stack:
         if cfg.resume:
             store.manifest(cfg.resume)  # a run that is not there fails here, before the data is read
+            stack.enter_context(RunLease(store, cfg.resume))  # and a run another coordinator drives
         cfg, data = open_data(cfg, storage)
         if cfg.resume:
             check_resume_settings(cfg, store.manifest(cfg.resume))
@@ -362,6 +363,8 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
         stack.callback(workers.shutdown)
         manifest = resume_run(cfg, store, tracker) if cfg.resume else new_run(cfg, store, tracker, storage, data)
         run_id = manifest.run_id
+        if not cfg.resume:
+            stack.enter_context(RunLease(store, run_id))
         (out / "last_run").write_text(f"{run_id}\n{redact(store.url)}\n")
         where = redact(store.url), redact(tracker.uri), redact(storage.root)
         log.info("run %s: Redis %s, MLflow %s, storage %s", run_id, *where)

@@ -141,9 +141,17 @@ def _no_run(run: str, where: str, known: set[str]) -> StoreError:
     return StoreError(f"run={run}: no such run in {where} (known: {names})")
 
 
-def _owned(run: str, job: JobId, owner: str | None, ttl: float) -> StoreError:
-    return StoreError(
-        f"{job} of run {run} is owned by worker {owner!r}; wait {ttl:.0f} s for its lease to lapse or stop it"
+class LeaseHeld(StoreError):
+    """A lease another consumer holds (``owner``: its name)."""
+
+    def __init__(self, message: str, owner: str | None):
+        super().__init__(message)
+        self.owner = owner
+
+
+def _owned(run: str, job: JobId, owner: str | None, ttl: float) -> LeaseHeld:
+    return LeaseHeld(
+        f"{job} of run {run} is owned by worker {owner!r}; wait {ttl:.0f} s for its lease to lapse or stop it", owner
     )
 
 
