@@ -65,10 +65,19 @@ def trainable_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def bucket_losses(level: torch.Tensor, losses: torch.Tensor, edges: torch.Tensor) -> dict[str, float]:
+def bucket_name(space: str, lo: float, hi: float) -> str:
+    """A bucket's metric, named by its range so a chart reads without the code: ``loss_sigma/0.3-1.2``."""
+    return f"loss_{space}/{lo:.3g}-{hi:.3g}"
+
+
+def bucket_losses(level: torch.Tensor, losses: torch.Tensor, edges: torch.Tensor, space: str = "sigma") -> dict:
     """Mean loss in each bucket between consecutive ``edges`` (empty buckets are left out)."""
     idx = torch.bucketize(level.double(), edges[1:-1])
-    return {f"loss_sigma_bucket{k}": losses[idx == k].mean().item() for k in range(len(edges) - 1) if (idx == k).any()}
+    return {
+        bucket_name(space, edges[k].item(), edges[k + 1].item()): losses[idx == k].mean().item()
+        for k in range(len(edges) - 1)
+        if (idx == k).any()
+    }
 
 
 def unit_memory(device: torch.device) -> dict[str, float]:
@@ -225,7 +234,7 @@ class BlockWorker:
             rows = reader.rows(unit)
             if queue:
                 reader.prefetch(queue[0][1])
-            metrics = self._apply(beating, unit, rows, edges)
+            metrics = self._apply(beating, unit, rows, edges, cfg.levels.space)
             dt = time.perf_counter() - t0
             applied.append(unit.seq)
             unacked.append(msg_id)
@@ -264,7 +273,9 @@ class BlockWorker:
             "pid": os.getpid(),
         }
 
-    def _apply(self, trainer, unit: WorkUnit, rows: tuple[torch.Tensor, ...], edges: torch.Tensor) -> dict:
+    def _apply(
+        self, trainer, unit: WorkUnit, rows: tuple[torch.Tensor, ...], edges: torch.Tensor, space: str = "sigma"
+    ) -> dict:
         steps = apply_unit(trainer, unit, rows)
         level, losses = torch.cat([s["sigma"] for s in steps]), torch.cat([s["losses"] for s in steps])
         weight = trainer.loss_fn.weight  # the family's per-sample loss weight (a WeightedLoss)
@@ -273,7 +284,7 @@ class BlockWorker:
             "effective_batch": sum(effective_batch(weight(s["sigma"])) for s in steps) / len(steps),
             "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
             "lr": steps[-1]["lr"],
-            **bucket_losses(level, losses, edges),
+            **bucket_losses(level, losses, edges, space),
         }
 
     def _export(self, storage: Storage, trainer: BlockTrainer, cfg: RunConfig, info: Job) -> None:
