@@ -32,6 +32,40 @@ def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4
     return path
 
 
+def plot_loss_vs_sigma(
+    results: dict[str, dict], ranges: list[tuple[float, float]], path: Path, space: str
+) -> Path | None:
+    """The held-out loss per level bin of every model that has a curve (``heldout_loss_curve``) on
+    one log axis, each block's range shaded and labelled: where each block works, and how the chain
+    compares with the end-to-end model across the levels. None when no model has a curve."""
+    curves = {name: r["heldout_loss_curve"] for name, r in results.items() if "heldout_loss_curve" in r}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for i, (lo, hi) in enumerate(ranges):
+        ax.axvspan(lo, hi, color=f"C{i % 10}", alpha=0.12, lw=0)
+        ax.text((lo * hi) ** 0.5, 1.0, f"block {i}", transform=ax.get_xaxis_transform(), ha="center", va="bottom")
+    for name, c in curves.items():
+        e = c["edges"]
+        centres = [(a * b) ** 0.5 for a, b in zip(e, e[1:])]
+        ax.plot(centres, c["loss"], marker="o", ms=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"noise level {space} (log)")
+    ax.set_ylabel("held-out weighted loss (Eq. 6)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def format_table(results: dict[str, dict], cfg: RunConfig) -> str:
     """One column per model (e.g. 'DiffusionBlocks B=3', 'end-to-end'), one row per metric of the
     run's family (``Family.table_rows``)."""

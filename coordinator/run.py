@@ -53,7 +53,7 @@ from .lock import OutputLock, RunLease
 from .policy import FailurePolicy
 from .progress import Progress
 from .redis_server import EmbeddedRedis
-from .report import format_table, save_grid, write_metrics
+from .report import format_table, plot_loss_vs_sigma, save_grid, write_metrics
 from .tracking import MlflowTracker, Tracker, check_reachable
 from .workers import WorkerGroup, check_ray_address, make_workers
 
@@ -289,6 +289,11 @@ def evaluate_sets(cfg: RunConfig, manifest: Manifest, tracker: Tracker, workers:
         where = "" if shown is None else f"samples {shown}; "
         verdict = "promoted to champion" if passed else "stays candidate (below registry.champion_threshold)"
         log.info("%s: %s%s", name, where, verdict)
+    ranges = [(s.lo, s.hi) for s in (j.spec for j in manifest.jobs_of("blocks"))]
+    curve = plot_loss_vs_sigma(results, ranges, out / "loss_vs_sigma.png", cfg.levels.space)
+    if curve is not None:
+        tracker.log_artifact(parent, curve)
+        log.info("loss vs %s: %s", cfg.levels.space, curve)
     return results
 
 

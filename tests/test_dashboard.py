@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dblocks.levels import SigmaLevels
@@ -14,3 +15,30 @@ def test_sigma_bucket_metrics_are_named_by_their_ranges_and_average_their_sample
     losses = torch.tensor([1.0, 3.0, 10.0, 20.0, 5.0])
     assert bucket_losses(level, losses, edges) == {"loss_sigma/0.1-1": 3.0, "loss_sigma/1-10": 15.0}
     assert bucket_losses(level[:2], losses[:2], edges, "t") == {"loss_t/0.1-1": 2.0}  # empty buckets left out
+
+
+def test_a_run_plots_the_held_out_loss_against_sigma_and_logs_it_to_the_parent_run(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from coordinator.__main__ import main
+    from helpers import TINY_DEBUG_JOB
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["dblocks-run", *TINY_DEBUG_JOB, "redis.url=memory://dash", f"output_dir={out}"])
+    main()
+    metrics = json.loads((out / "metrics.json").read_text())
+    (result,) = metrics["results"].values()
+    curve = result["heldout_loss_curve"]
+    assert len(curve["edges"]) == 17 and len(curve["loss"]) == 16  # 16 log-spaced bins over [0.002, 80]
+    assert curve["edges"][0] == pytest.approx(0.002) and curve["edges"][-1] == pytest.approx(80.0)
+    assert all(x > 0 for x in curve["loss"])
+    with Image.open(out / "loss_vs_sigma.png") as im:
+        assert im.width >= 600 and im.height >= 300
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`dblocks.run_id` != ''")
+    assert "loss_vs_sigma.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}

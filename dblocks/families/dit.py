@@ -110,6 +110,9 @@ def sample_labels(num_classes: int, per_class: int, null_label: int) -> torch.Te
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
+CURVE_BINS = 16  # log-spaced sigma bins of the held-out loss curve over [sigma_min, sigma_max]
+
+
 def evaluate(
     nets: Sequence[nn.Module],
     plan: Sequence[BlockSpec],
@@ -129,6 +132,8 @@ def evaluate(
     x, y = data.test_x.to(device), data.test_y.to(device)
     overall = heldout_loss(router, x, y, levels.sigma_min, levels.sigma_max, levels)
     per_range = [heldout_loss(router, x, y, lo, hi, levels) for lo, hi in ranges]
+    edges = levels.bucket_edges(levels.sigma_min, levels.sigma_max, CURVE_BINS).tolist()
+    curve = [heldout_loss(router, x, y, lo, hi, levels, repeats=2) for lo, hi in zip(edges, edges[1:])]
     null = nets[0].null_label
     labels = sample_labels(nets[0].cfg.num_classes, sample.per_class, null)
     shape = tuple(data.test_x.shape[1:])
@@ -136,6 +141,7 @@ def evaluate(
     out = {
         "heldout_loss": overall,
         "heldout_loss_per_range": per_range,
+        "heldout_loss_curve": {"edges": edges, "loss": curve},  # the loss-vs-sigma picture
         "fd_pixel": frechet_distance(data.test_x, samples),
         "samples": samples,
         "labels": labels,
