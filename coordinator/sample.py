@@ -1,7 +1,7 @@
 """``dblocks-sample`` / ``python -m coordinator.sample [alias=champion] [out=grid.png] [experiment=...]``:
 load the registered blocks of one alias into a sampler, sample a grid in the data's shape and colour
 (10 per class, a row per class, the first 10 classes; unlabelled data: 10 x 10 unconditional samples),
-write it as a PNG and log it to the run that trained the blocks."""
+write it as a PNG and log it to the (parent) run that trained the blocks."""
 
 from __future__ import annotations
 
@@ -51,10 +51,11 @@ def _main(cfg: DictConfig) -> None:
 
         out = Path(args["out"] or Path(run_cfg.output_dir) / f"samples-{args['alias']}.png")
         save_grid(torch.tensor(samples), out, columns=10)
-        run_id = registry_versions(uri, prefix, args["alias"])[0].run_id
+        block_run = registry_versions(uri, prefix, args["alias"])[0].run_id  # block 0's child run
         tracker = MlflowTracker(uri, run_cfg.mlflow.experiment or run_cfg.name, artifact_location(uri))
+        run_id = tracker.client.get_run(block_run).data.tags.get("mlflow.parentRunId", block_run)
         tracker.log_artifact(run_id, out, f"samples/{args['alias']}")
-        print(f"{out} (logged to MLflow run {run_id})")
+        print(f"{out} (logged to the MLflow run that trained the blocks, {run_id})")
     except USER_ERRORS as e:
         fail(e)
 

@@ -284,6 +284,8 @@ def test_standalone_block_registers_and_a_mixed_set_is_refused(job, stack):
     good = run_cli("coordinator.sample", "experiment=debug", "alias=champion", *services(stack, "sample"))
     assert good.returncode == 0, good.stderr[-3000:]
     assert Image.open(stack["base"] / "sample" / "samples-champion.png").size == ((10 * 9 + 1) * 4, (10 * 9 + 1) * 4)
+    parent = c.get_run(main0.run_id).data.tags["mlflow.parentRunId"]  # the run, not block 0's child run
+    assert "samples/champion/samples-champion.png" in {a.path for a in c.list_artifacts(parent, "samples/champion")}
 
 
 @pytest.mark.parametrize(
