@@ -32,6 +32,21 @@ def save_grid(samples: torch.Tensor, path: Path, *, columns: int, scale: int = 4
     return path
 
 
+def show_samples(cfg: RunConfig, res: dict, folder: Path, image: str = "samples.png", text: str = "sample.txt"):
+    """Write what a set generated into ``folder``: an image grid in the data's shape and colour (a
+    row per class, at most 10 columns) as ``image``, or the text as ``text``. None if neither."""
+    if torch.is_tensor(res.get("samples")):
+        samples, per = res["samples"], cfg.sample.per_class
+        shown = min(per, 10)
+        rows = samples.reshape(len(samples) // per, per, *samples.shape[1:])[:, :shown]
+        return save_grid(rows.flatten(0, 1), folder / image, columns=shown)
+    if "sample_text" in res:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / text).write_text(res["sample_text"])
+        return folder / text
+    return None
+
+
 def plot_loss_vs_sigma(
     results: dict[str, dict], ranges: list[tuple[float, float]], path: Path, space: str
 ) -> Path | None:

@@ -51,9 +51,10 @@ from .controller import Controller
 from .data import PrepareConfig, prepare
 from .lock import OutputLock, RunLease
 from .policy import FailurePolicy
+from .preview import Previewer
 from .progress import Progress
 from .redis_server import EmbeddedRedis
-from .report import format_table, plot_loss_vs_sigma, save_grid, write_metrics
+from .report import format_table, plot_loss_vs_sigma, show_samples, write_metrics
 from .tracking import MlflowTracker, Tracker, check_reachable
 from .workers import WorkerGroup, check_ray_address, make_workers
 
@@ -205,14 +206,31 @@ def resume_run(cfg: RunConfig, store: RunStore, tracker: Tracker) -> Manifest:
 
 
 def train(
-    cfg: RunConfig, manifest: Manifest, store: RunStore, tracker: Tracker, workers: WorkerGroup, jobs: list[JobId]
+    cfg: RunConfig,
+    manifest: Manifest,
+    store: RunStore,
+    tracker: Tracker,
+    workers: WorkerGroup,
+    jobs: list[JobId],
+    previewer: Previewer | None = None,
 ) -> None:
-    """Run ``jobs`` to completion under the controller, with the progress display."""
+    """Run ``jobs`` to completion under the controller, with the progress display (and the previews)."""
     policy = FailurePolicy(
         cfg.workers.max_restarts, cfg.workers.lease_seconds, schedule_timeout=cfg.workers.schedule_timeout
     )
+
     with Progress() as display:
-        Controller(manifest, store, workers, tracker, policy, jobs, on_progress=display.update).run()
+
+        def show(progress: dict) -> None:
+            display.update(progress)
+            if previewer is not None:
+                previewer.update(progress)
+
+        try:
+            Controller(manifest, store, workers, tracker, policy, jobs, on_progress=show).run()
+        finally:
+            if previewer is not None:
+                previewer.close()
 
 
 def register(
@@ -247,22 +265,6 @@ def result_name(cfg: RunConfig, model: str) -> str:
     return f"{MODEL_NAMES[model]} B={cfg.blocks.num}" if model == "blocks" else MODEL_NAMES[model]
 
 
-def show_samples(cfg: RunConfig, res: dict, out: Path, model: str) -> Path | None:
-    """Write what a set generated: an image grid in the data's shape and colour (a row per class,
-    at most 10 columns), the text for text."""
-    if "samples" in res:
-        samples, per = res["samples"], cfg.sample.per_class
-        shown = min(per, 10)
-        rows = samples.reshape(len(samples) // per, per, *samples.shape[1:])[:, :shown]
-        return save_grid(rows.flatten(0, 1), out / model / "samples.png", columns=shown)
-    if "sample_text" in res:
-        path = out / model / "sample.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(res["sample_text"])
-        return path
-    return None
-
-
 def as_tensor(v):
     """An array a sampler actor returned (numpy) back as a tensor; floats and text stay as they are."""
     return torch.tensor(v) if hasattr(v, "__array__") and not isinstance(v, float) else v
@@ -278,7 +280,7 @@ def evaluate_sets(cfg: RunConfig, manifest: Manifest, tracker: Tracker, workers:
         name = result_name(cfg, m)
         res = {k: as_tensor(v) for k, v in res.items()}
         results[name] = res
-        shown = show_samples(cfg, res, out, m)
+        shown = show_samples(cfg, res, out / m)
         if shown is not None:
             tracker.log_artifact(parent, shown, f"samples/{m}")
         tracker.log_metrics(parent, {f"{m}/{k}": v for k, v in res.items() if isinstance(v, float)}, step=0)
@@ -382,7 +384,8 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
         ok = False
         try:
             t0 = time.perf_counter()
-            train(cfg, manifest, store, tracker, workers, jobs)
+            previewer = Previewer(cfg, manifest, storage, tracker, data, out) if cfg.eval.every else None
+            train(cfg, manifest, store, tracker, workers, jobs, previewer)
             train_seconds = time.perf_counter() - t0
             register(manifest, store, tracker, storage, jobs, data)
             results = {}

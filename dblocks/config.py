@@ -301,6 +301,16 @@ class SampleConfig:
         return 1.5 if labelled else 1.0
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # work units: each block exports its EMA weights this often and the run logs a preview
+    # of the chained blocks (a sample grid or text) to MLflow while it trains; 0: only the final evaluation
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every={self.every}: must be >= 0 (work units; 0 turns previews off)")
+
+
 # ---- the system around the library: plain data here, used by coordinator/ and worker/ ----------
 @dataclass(frozen=True)
 class RayConfig:
@@ -398,6 +408,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

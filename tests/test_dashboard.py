@@ -42,3 +42,31 @@ def test_a_run_plots_the_held_out_loss_against_sigma_and_logs_it_to_the_parent_r
     (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
     (parent,) = client.search_runs([exp.experiment_id], "tags.`dblocks.run_id` != ''")
     assert "loss_vs_sigma.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_previews_log_the_chained_blocks_metrics_and_samples_while_training(tmp_path, monkeypatch):
+    """``eval.every=1``: each block exports its EMA weights after every unit; the coordinator chains
+    the latest exports and logs the family's metrics and a sample grid to the parent run. Inline
+    workers train one block after the other, so the chain is complete (both blocks at unit 2) once."""
+    import sys
+
+    from helpers import TINY_DEBUG_JOB
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from coordinator.__main__ import main
+
+    out = tmp_path / "out"
+    job = [*TINY_DEBUG_JOB, "train.steps=20", "eval.every=1", "redis.url=memory://preview", f"output_dir={out}"]
+    monkeypatch.setattr(sys, "argv", ["dblocks-run", *job])
+    main()
+    grid = out / "samples" / "during" / "blocks" / "unit-2.png"
+    with Image.open(grid) as im:  # a row per digit, sample.per_class=2 columns, 4x
+        assert im.size == ((2 * 9 + 1) * 4, (10 * 9 + 1) * 4)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`dblocks.run_id` != ''")
+    history = client.get_metric_history(parent.info.run_id, "preview/blocks/heldout_loss")
+    assert [m.step for m in history] == [2] and history[0].value > 0
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "samples/during/blocks")}
+    assert logged == {"samples/during/blocks/unit-2.png"}

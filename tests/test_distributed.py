@@ -94,7 +94,7 @@ def same_weights(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def job(stack):
     before = runs_of(stack)
-    proc = run_cli("coordinator", *TINY, *services(stack, "main"))
+    proc = run_cli("coordinator", *TINY, "eval.every=2", *services(stack, "main"))  # previews on Ray: a thread
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs_of(stack) - before
     return run, proc
@@ -176,7 +176,12 @@ def test_mlflow_has_the_parent_run_child_runs_metrics_and_artifacts(job, stack):
         assert len(c.get_metric_history(r.info.run_id, "loss")) == 4  # one point per work unit
     assert parent.data.params["blocks.num"] == "2"
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"manifest.json", "config.json", "metrics.json", "samples"} <= arts
+    assert {"manifest.json", "config.json", "metrics.json", "samples", "loss_vs_sigma.png"} <= arts
+    for model in ("blocks", "e2e"):  # previews while training (eval.every=2 of 4 units): at least the last
+        grids = {a.path for a in c.list_artifacts(parent.info.run_id, f"samples/during/{model}")}
+        assert grids and grids <= {f"samples/during/{model}/unit-{n}.png" for n in (2, 4)}
+        steps = [m.step for m in c.get_metric_history(parent.info.run_id, f"preview/{model}/heldout_loss")]
+        assert steps and set(steps) <= {2, 4} and len(steps) == len(grids)
     assert any(k.startswith("system/") for k in parent.data.metrics)
 
 

@@ -61,6 +61,11 @@ def export_rel(run_id: str, job: JobId | str) -> str:
     return f"{job_dir(run_id, job)}/block.safetensors"
 
 
+def preview_rel(run_id: str, job: JobId | str) -> str:
+    """The block's EMA weights of its latest preview point (``eval.every``), in the export format."""
+    return f"{job_dir(run_id, job)}/preview.safetensors"
+
+
 def trainable_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -246,6 +251,9 @@ class BlockWorker:
             extra = {"samples_per_s": rate, "unit": unit.seq, **unit_memory(device), "t": time.time()}
             store.log_metrics(run, job, {**metrics, "step": trainer.step_count, "samples": trainer.samples, **extra})
             store.incr(run, job, "units_applied")  # every application, re-applications after a crash included
+            if cfg.eval.every and (unit.seq + 1) % cfg.eval.every == 0:  # the coordinator previews the chain
+                self._export(storage, trainer, cfg, info, preview_rel(run, job), unit=unit.seq + 1)
+                heartbeat.report(preview_unit=unit.seq + 1)
             heartbeat.report(
                 state="training",
                 units_done=len(applied),
@@ -287,8 +295,11 @@ class BlockWorker:
             **bucket_losses(level, losses, edges, space),
         }
 
-    def _export(self, storage: Storage, trainer: BlockTrainer, cfg: RunConfig, info: Job) -> None:
-        """The EMA weights with what rebuilds the block (``dblocks.build.block_from_export``)."""
+    def _export(
+        self, storage: Storage, trainer: BlockTrainer, cfg: RunConfig, info: Job, rel: str | None = None, **extra
+    ) -> None:
+        """The EMA weights with what rebuilds the block (``dblocks.build.block_from_export``), at
+        ``rel`` (default: the finished block's export)."""
         plain = cfg.to_dict()
         meta = {
             "spec": asdict(info.spec),
@@ -299,8 +310,9 @@ class BlockWorker:
             "step": trainer.step_count,
             "samples": trainer.samples,
             "baseline": info.id.baseline,
+            **extra,
         }
         tensors = {k: v.cpu() for k, v in trainer.ema.state_dict().items()}
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "block.safetensors", tensors, meta)
-            storage.put_file(path, export_rel(self.run_id, self.job))
+            storage.put_file(path, rel or export_rel(self.run_id, self.job))
