@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS  ?=
 
-.PHONY: install run debug test bench bench-quick clean
+.PHONY: install run debug test docs bench bench-quick clean
 
 $(STAMP): pyproject.toml requirements-pins.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,13 +30,18 @@ test: install                     ## lint (ruff) + the test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~110 min)
+docs: install                     ## regenerate docs/configuration.md (from dblocks/config.py) and docs/system.png
+	$(BIN)/python docs/gen_configuration.py
+	$(BIN)/python docs/system.py
+
+bench: install                    ## benchmarks on an idle machine; rewrite bench/results/ (~120 min)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/gpu.py
 	$(BIN)/python bench/time_to_quality.py
+	$(BIN)/python bench/chaos.py
 
 bench-quick: install
 	$(BIN)/python bench/memory.py --quick --out /tmp/dblocks-bench-quick
@@ -45,6 +50,7 @@ bench-quick: install
 	$(BIN)/python bench/data.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/gpu.py --quick --out /tmp/dblocks-bench-quick
 	$(BIN)/python bench/time_to_quality.py --quick --out /tmp/dblocks-bench-quick
+	$(BIN)/python bench/chaos.py --quick --out /tmp/dblocks-bench-quick
 
 clean:
 	rm -rf outputs .pytest_cache

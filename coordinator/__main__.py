@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from omegaconf import DictConfig
 from dblocks.config import Backend, ConfigError, RunConfig
 from worker.config import check_command_line, config_dir, fail, load_command, register
 from worker.record import JobId
-from worker.redaction import redact_files, redact_logging
+from worker.redaction import redact, redact_files, redact_logging
+
+from .policy import Interrupted, Terminated
 
 
 def setup_logging() -> None:
@@ -63,9 +67,33 @@ def _main(cfg: DictConfig) -> None:
         run(run_cfg, only=jobs)
     except USER_ERRORS as e:
         fail(e)
+    except Interrupted as e:  # the run's MLflow runs are KILLED, its checkpoints valid: say how to go on
+        print(f"interrupted; continue with: {resume_command(e.run_id, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt as e:  # before any run was opened: nothing to continue
+        print("interrupted before a run was opened", file=sys.stderr)
+        sys.exit(getattr(e, "code", 130))
+
+
+def resume_command(run_id: str, argv: list[str]) -> str:
+    """``python -m coordinator <the same overrides> resume=<run id>`` (passwords masked)."""
+    kept = [a for a in argv if not a.startswith(("resume=", "+resume="))]
+    return shlex.join(["python", "-m", "coordinator", *(redact(a) for a in kept), f"resume={run_id}"])
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) is handled like Ctrl-C (SIGINT): it unwinds the run, whose
+    context managers stop the workers, the embedded redis-server and the local Ray, and ends its
+    MLflow runs KILLED; exit status 128 + the signal."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def main() -> None:
+    stop_on_signals()
     register()
     try:
         cfg = check_command_line("config", sys.argv[1:])  # a wrong type or key: one line, before Hydra's report

@@ -3,10 +3,12 @@
 Two rules, both per block:
 
 * **Restart or fail.** A worker that raised (its own exception, or its process died) is restarted
-  from its checkpoint, at most ``workers.max_restarts`` times; one more failure fails the run with
-  one line naming the block: ``blocks/1 failed 3 times, last: ValueError: ...``. A deterministic
-  error -- bad data (``DataError``: a row the reader refuses) or a broken config rule
-  (``ConfigError``) -- fails the run at once: a restart would read the same row again.
+  from its checkpoint, at most ``workers.max_restarts`` times; one more failure fails the block with
+  one line naming it: ``blocks/1 failed 3 times, last: ValueError: ...``. A deterministic
+  error -- bad data (``DataError``: a row or shard the reader refuses), a broken config rule
+  (``ConfigError``) or a checkpoint of another plan (``CheckpointError``) -- fails the block at
+  once: a restart would read the same row or file again. A failed block does not stop the others:
+  they finish (and the run registers them) before the controller raises ``BlocksFailed``.
 * **Stale heartbeat.** A worker reports (and renews its lease) at least every ``lease_seconds / 3``.
   One whose heartbeat has not changed for longer than ``workers.lease_seconds`` is hung: the
   controller stops it and treats it as failed (restart from its checkpoint, counted against
@@ -35,12 +37,31 @@ from typing import Mapping
 from dblocks.datacard import DataError
 from dblocks.errors import ConfigError
 from worker.record import JobId
+from worker.storage import CheckpointError
 
-DETERMINISTIC = (DataError, ConfigError)  # the same input fails the same way: restarting cannot help
+DETERMINISTIC = (DataError, ConfigError, CheckpointError)  # the same input fails the same way: restarting cannot help
 
 
 class RunFailed(RuntimeError):
-    """A block failed more often than ``workers.max_restarts`` allows (one line, naming it)."""
+    """A block failed for good (one line, naming it); ``job`` and ``reason`` (its last error, one line)
+    when it is one block's failure."""
+
+    def __init__(self, message: str, job: JobId | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.job, self.reason = job, reason or message
+
+
+class BlocksFailed(RunFailed):
+    """Blocks that failed for good, raised once every other block has finished: ``failures`` (job ->
+    its RunFailed) and ``done`` (the jobs that finished). Its message joins the failures' messages."""
+
+    def __init__(self, failures: dict[JobId, RunFailed], done: set[JobId]):
+        super().__init__("; ".join(str(f) for f in failures.values()))
+        self.failures, self.done = dict(failures), set(done)
+
+
+class RunPartial(RunFailed):
+    """The run ended with some blocks failed (the finished ones registered): one line with a resume hint."""
 
 
 class StaleHeartbeat(TimeoutError):
@@ -81,18 +102,18 @@ class FailurePolicy:
         return Decision.RESTART
 
     def failure(self, job: JobId, error: BaseException) -> RunFailed:
+        why = describe(error)
         if isinstance(error, DETERMINISTIC):
-            return RunFailed(f"{job} failed, not restarted (it would fail the same way): {describe(error)}")
-        return RunFailed(f"{job} failed {self.restarts[job] + 1} times, last: {describe(error)}")
+            return RunFailed(f"{job} failed, not restarted (it would fail the same way): {why}", job, why)
+        return RunFailed(f"{job} failed {self.restarts[job] + 1} times, last: {why}", job, why)
 
     def unscheduled(self, job: JobId, waited: float, short: str) -> RunFailed | None:
         """The error a block whose actor has waited ``waited`` s for resources (``short``: what the
         cluster lacks) fails the run with, or None while it may still wait."""
         if waited <= self.schedule_timeout:
             return None
-        return RunFailed(
-            f"{job} was not scheduled in {waited:.0f} s (workers.schedule_timeout={self.schedule_timeout:g}): {short}"
-        )
+        why = f"not scheduled in {waited:.0f} s (workers.schedule_timeout={self.schedule_timeout:g}): {short}"
+        return RunFailed(f"{job} was {why}", job, why)
 
     def stale(self, progress: Mapping[str, str], quiet: float, reported: bool) -> StaleHeartbeat | None:
         """The error a hung worker counts as, or None while it is alive (or done). ``quiet``: seconds
@@ -105,3 +126,17 @@ class FailurePolicy:
         if not reported and quiet > limit:
             return StaleHeartbeat(f"no heartbeat {quiet:.0f} s after its start (start-up may take {limit:g} s)")
         return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+    code = 128 + 15
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after its MLflow runs were ended KILLED; ``code``: the exit status."""
+
+    def __init__(self, run_id: str, code: int):
+        super().__init__(f"run {run_id} interrupted")
+        self.run_id, self.code = run_id, code

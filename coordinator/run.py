@@ -13,7 +13,9 @@
 3. The controller (coordinator/controller.py) starts one worker per block (``workers.external``
    blocks are left to ``python -m worker``), forwards their metrics to MLflow, shows progress, and
    restarts a failed or silent block (only that one) up to ``workers.max_restarts`` times; it
-   resumes from its own checkpoint.
+   resumes from its own checkpoint. A block that fails for good does not stop the others: they
+   finish and are registered, and the run ends "partial" (``RunPartial``: one line naming the
+   failed block, why, and the ``resume=`` command that continues it).
 4. Register each finished block as a version of ``<name>-block<b>`` (alias ``candidate``), load
    the set back from the registry in a sampler, evaluate it, log the samples, and promote the set
    to ``champion`` when it passes the family's headline threshold (``registry.champion_threshold``).
@@ -41,6 +43,7 @@ from dblocks.plan import BlockSpec, plan_hash
 from dblocks.seeds import derive_seed
 from dblocks.units import Shard, make_units
 from worker.block_worker import export_rel
+from worker.config import load_run_config
 from worker.dataset import CARD, Dataset, open_dataset
 from worker.record import MODEL_NAMES, Job, JobId, Manifest
 from worker.redaction import redact, redact_config
@@ -49,13 +52,14 @@ from worker.store import RunStore, open_store
 
 from .controller import Controller
 from .data import PrepareConfig, prepare
+from .forwarding import QueuedTracker
 from .lock import OutputLock, RunLease
-from .policy import FailurePolicy
+from .policy import BlocksFailed, FailurePolicy, Interrupted, RunFailed, RunPartial
 from .preview import Previewer
 from .progress import Progress
 from .redis_server import EmbeddedRedis
 from .report import format_table, plot_loss_vs_sigma, show_samples, write_metrics
-from .tracking import MlflowTracker, Tracker, check_reachable
+from .tracking import MlflowTracker, Tracker, TrackingError, check_reachable, runs_url
 from .workers import WorkerGroup, check_ray_address, make_workers
 
 log = logging.getLogger(__name__)
@@ -165,7 +169,7 @@ def manifest_dict(manifest: Manifest) -> dict:
 
 # What a resumed run may change: where things run and are tracked, not what is trained.
 RESUMABLE = ("resume", "output_dir", "redis", "mlflow", "ray", "storage", "workers", "sample", "registry")
-RESUMABLE += ("train.threads", "train.device")
+RESUMABLE += ("train.threads", "train.device", "train.keep_checkpoints")
 
 
 def _leaves(d: dict, prefix: str = "") -> dict:
@@ -213,8 +217,9 @@ def train(
     workers: WorkerGroup,
     jobs: list[JobId],
     previewer: Previewer | None = None,
-) -> None:
-    """Run ``jobs`` to completion under the controller, with the progress display (and the previews)."""
+) -> dict[JobId, RunFailed]:
+    """Run ``jobs`` to completion under the controller, with the progress display (and the previews).
+    Returns the jobs that failed for good (job -> why), once every other job has finished."""
     policy = FailurePolicy(
         cfg.workers.max_restarts, cfg.workers.lease_seconds, schedule_timeout=cfg.workers.schedule_timeout
     )
@@ -228,9 +233,59 @@ def train(
 
         try:
             Controller(manifest, store, workers, tracker, policy, jobs, on_progress=show).run()
+        except BlocksFailed as e:
+            return e.failures
         finally:
             if previewer is not None:
                 previewer.close()
+    return {}
+
+
+def end_partial(manifest: Manifest, tracker: Tracker, failed: dict[JobId, RunFailed], out: Path, **extra) -> RunPartial:
+    """The end of a run some of whose blocks failed for good (the finished ones are registered): their
+    child runs FAILED, ``metrics.json`` (logged to the parent run) and ``last_run`` saying "partial",
+    which block failed and why; returns the one-line error with the command that continues the run."""
+    run_id = manifest.run_id
+    for job in failed:
+        tracker.end(manifest.job(job).mlflow_run, ok=False)
+    why = ", ".join(f"{job} failed ({f.reason})" for job, f in failed.items())
+    how = "partial" if manifest.registered else "failed"
+    again = f"python -m coordinator resume={run_id} <the run's overrides>"
+    failures = {str(j): f.reason for j, f in failed.items()}
+    registered = {str(j): v for j, v in manifest.registered.items()}
+    path = write_metrics(
+        {},
+        out / "metrics.json",
+        run_id=run_id,
+        status=how,
+        failed=failures,
+        registered=registered,
+        resume=again,
+        **extra,
+    )
+    tracker.log_artifact(manifest.parent_run, path)
+    last = (out / "last_run").read_text().splitlines()[:2] if (out / "last_run").is_file() else [run_id]
+    (out / "last_run").write_text("\n".join([*last, f"{how}: {why}"]) + "\n")
+    return RunPartial(f"run {run_id} ended {how}: {why}; fix it and continue with: {again}")
+
+
+def describe_block(info, manifest: Manifest, data: Dataset, space: str) -> str:
+    """A registered version's description: what the block is, its range (in the family's level
+    ``space``: sigma, or MDM's t), plan, data, and how to load it."""
+    s, space = info.spec, {"sigma": "σ"}.get(space, space)
+    what = (
+        f"DiffusionBlocks block {s.index} of {s.num_blocks}: layers [{s.layer_start}, {s.layer_end}), a denoiser "
+        f"trained alone on its {space} range [{s.lo:.4g}, {s.hi:.4g}] (training [{s.train_lo:.4g}, {s.train_hi:.4g}])"
+        if not info.id.baseline
+        else f"The end-to-end baseline ({s.layer_end - s.layer_start} layers), trained by backpropagation"
+    )
+    return (
+        f"{what}. Run {manifest.run_id}, plan {info.plan_hash}, data {data.card.describe()} "
+        f"(content hash {data.card.content_hash[:12]}). Load: "
+        f"mlflow.pyfunc.load_model('models:/{info.registered_model}@champion'); predict({{'z': ..., 'sigma': ..., "
+        "**cond}) is the block's denoiser, .unwrap_python_model().net the network; python -m coordinator.sample "
+        "alias=champion chains the set."
+    )
 
 
 def register(
@@ -238,6 +293,7 @@ def register(
 ) -> None:
     """Each finished block -> a new version of its registered model, alias ``candidate``, tagged with
     its plan and the dataset it was trained on (URI and content hash)."""
+    space = load_run_config(manifest.config).levels.space
     for job in jobs:
         if job in manifest.registered:
             continue
@@ -254,7 +310,8 @@ def register(
         }
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.get_file(export_rel(manifest.run_id, job), Path(tmp) / "block.safetensors")
-            version = tracker.register_block(info.mlflow_run, local, info.registered_model, tags, "candidate")
+            about = describe_block(info, manifest, data, space)
+            version = tracker.register_block(info.mlflow_run, local, info.registered_model, tags, "candidate", about)
         manifest.registered[job] = version
         store.update_manifest(manifest)
         tracker.end(info.mlflow_run, ok=True)
@@ -322,10 +379,32 @@ def services(cfg: RunConfig, out: Path):
         )
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation chatter
     with contextlib.ExitStack() as stack:
-        url = cfg.redis.url or stack.enter_context(EmbeddedRedis(out / "redis")).url
-        store = open_store(url)
-        tracker = MlflowTracker(uri, cfg.mlflow.experiment or cfg.name, artifact_location(uri))
+        url = cfg.redis.url or stack.enter_context(EmbeddedRedis.for_run(out / "redis")).url
+        store = open_store(url, cfg.redis.reconnect_seconds)
+        mlflow_tracker = MlflowTracker(uri, cfg.mlflow.experiment or cfg.name, artifact_location(uri))
+        tracker = QueuedTracker(mlflow_tracker, cfg.mlflow.wait_seconds)  # MLflow never holds up training
+        stack.callback(tracker.close)
         yield store, tracker, storage
+
+
+def where_to_look(cfg: RunConfig, tracker: Tracker, manifest: Manifest, out: Path) -> str:
+    """The run's closing lines: its files, how to open MLflow on its store, what was registered."""
+    uri = tracker.uri
+    ui = (
+        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+        + runs_url("http://127.0.0.1:5000", tracker.experiment_id)
+        if uri.startswith("sqlite:")
+        else "open " + runs_url(redact(uri), tracker.experiment_id)
+    )
+    names = ", ".join(f"{manifest.job(j).registered_model} v{v}" for j, v in manifest.registered.items())
+    experiment = cfg.mlflow.experiment or cfg.name
+    return "\n".join(
+        [
+            f"output: {out} (metrics.json, samples, loss_vs_sigma.png)",
+            f"MLflow (experiment {experiment!r}, parent run {manifest.run_id}): {ui}",
+            f"registered: {names}",
+        ]
+    )
 
 
 def check_output_dir(out: Path) -> None:
@@ -381,15 +460,21 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
             s, units, space = manifest.job(job).spec, manifest.job(job).units, cfg.levels.space
             what = "plan: %s layers [%d, %d) %s [%.4g, %.4g] (training [%.4g, %.4g]), %d units"
             log.info(what, job, s.layer_start, s.layer_end, space, s.lo, s.hi, s.train_lo, s.train_hi, units)
-        ok = False
+        ok = killed = False
         try:
             t0 = time.perf_counter()
             previewer = Previewer(cfg, manifest, storage, tracker, data, out) if cfg.eval.every else None
-            train(cfg, manifest, store, tracker, workers, jobs, previewer)
+            failed = train(cfg, manifest, store, tracker, workers, jobs, previewer)
             train_seconds = time.perf_counter() - t0
-            register(manifest, store, tracker, storage, jobs, data)
+            finished = [j for j in jobs if j not in failed]
+            log.info("registering %d trained blocks in MLflow's model registry", len(finished))
+            register(manifest, store, tracker, storage, finished, data)
+            if failed:  # the finished blocks are registered; the parent run ends FAILED
+                timings = dict(train_seconds=train_seconds, wall_seconds=time.perf_counter() - t_start)
+                raise end_partial(manifest, tracker, failed, out, config=cfg.to_dict(), **timings)
             results = {}
             if set(manifest.registered) == set(manifest.jobs):
+                log.info("loading the registered sets back from the registry: sampling and evaluating")
                 results = evaluate_sets(cfg, manifest, tracker, workers, out)
                 head = ", ".join(p for p in (cfg.family.summary(cfg), f"{cfg.train.steps} steps per block") if p)
                 print(f"\nrun {run_id} ({cfg.model.family}): {head}")
@@ -403,9 +488,21 @@ def run(cfg: RunConfig, *, only: list[str | JobId] | None = None) -> dict:
                     train_seconds=train_seconds,
                     wall_seconds=time.perf_counter() - t_start,
                     registered=registered,
+                    status="complete",
                 )
                 tracker.log_artifact(manifest.parent_run, path)
+                print(where_to_look(cfg, tracker, manifest, out))
             ok = True
             return results
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the workers stop (their checkpoints stay valid)
+            killed = True
+            for job in manifest.jobs:
+                if job not in manifest.registered:
+                    tracker.end(manifest.job(job).mlflow_run, ok=False, killed=True)
+            raise Interrupted(run_id, getattr(e, "code", 130)) from None
         finally:
-            tracker.end(manifest.parent_run, ok=ok)
+            try:
+                tracker.end(manifest.parent_run, ok=ok, killed=killed)
+            except TrackingError:
+                if ok:  # else the run's own error says more (the tracker's close names what MLflow missed)
+                    raise

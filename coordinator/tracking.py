@@ -8,17 +8,24 @@ tagged and aliased. A registered block is an MLflow
 pyfunc model whose artifact is the block's safetensors export, so
 ``mlflow.pyfunc.load_model("models:/<name>-block<b>@champion").unwrap_python_model().net`` is
 the trained network (the model is logged as code, ``pyfunc_block.py``; nothing is pickled).
+
+A run wraps its tracker in ``coordinator/forwarding.py``'s ``QueuedTracker``: every call then goes
+through one background thread, so MLflow being slow or down never holds up training. System
+metrics come from MLflow's own monitors (cpu, memory, disk, network, GPU), sampled by
+:class:`SystemMetrics` and sent through ``system_sink`` -- the queue's ``log_metrics`` there -- so
+no sample is lost while the server is down.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import mlflow
 import numpy as np
@@ -51,16 +58,41 @@ def check_reachable(uri: str) -> None:
 
 class Tracker(Protocol):
     uri: str
+    experiment_id: str  # the experiment the runs are in (for links to the UI)
 
     def start_run(self, name: str, tags: dict, parent_id: str | None = None, system_metrics: bool = False) -> str: ...
     def reopen(self, run_id: str, system_metrics: bool = False) -> None: ...
     def log_params(self, run_id: str, params: dict) -> None: ...
-    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None: ...
+    def log_metrics(self, run_id: str, metrics: dict, step: int, timestamp: float | None = None) -> None: ...
     def log_dict(self, run_id: str, obj: dict, path: str) -> None: ...
     def log_artifact(self, run_id: str, local: str | Path, artifact_path: str | None = None) -> None: ...
-    def end(self, run_id: str, ok: bool) -> None: ...
-    def register_block(self, run_id: str, export_file: Path, name: str, tags: dict, alias: str) -> str: ...
+    def end(self, run_id: str, ok: bool, killed: bool = False) -> None:
+        """Mark the run FINISHED (ok), FAILED, or KILLED (interrupted; it can be resumed)."""
+
+    def register_block(
+        self, run_id: str, export_file: Path, name: str, tags: dict, alias: str, description: str = ""
+    ) -> str: ...
     def set_alias(self, name: str, alias: str, version: str) -> None: ...
+    def when_delivered(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once everything logged before has reached the tracker (at once when it logs synchronously)."""
+
+
+def unreachable(e: BaseException) -> bool:
+    """An outage (connection refused or reset, a timeout, a 5xx answer), not a request MLflow refuses."""
+    if isinstance(e, MlflowException):
+        return e.get_http_status_code() >= 500
+    return isinstance(e, OSError)  # requests' and urllib3's errors are OSErrors
+
+
+# MLflow 3 opens an experiment on its GenAI page unless told it holds model training: the tag its
+# UI's experiment-type selector writes. MLflow 3.17's UI still follows the browser's remembered
+# choice, so links add ``?workflowType=machine_learning`` (``runs_url``).
+TRAINING_EXPERIMENT = ("mlflow.experimentKind", "custom_model_development")
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI at ``base``, in its model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class NullTracker:
@@ -68,6 +100,8 @@ class NullTracker:
     stays readable in memory (``metrics``, ``params``, ``aliases``) for tests."""
 
     uri = "null://"
+    experiment_id = "0"
+    system_sink = None  # no system metrics
 
     def __init__(self) -> None:
         self.runs: dict[str, dict] = {}  # run id -> {"name", "tags", "status"}
@@ -87,7 +121,7 @@ class NullTracker:
     def log_params(self, run_id: str, params: dict) -> None:
         self.params[run_id].update(_flatten(redact_config(params)))
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: dict, step: int, timestamp: float | None = None) -> None:
         self.metrics[run_id].append((dict(metrics), step))
 
     def log_dict(self, run_id: str, obj: dict, path: str) -> None:
@@ -96,18 +130,52 @@ class NullTracker:
     def log_artifact(self, run_id: str, local: str | Path, artifact_path: str | None = None) -> None:
         pass
 
-    def end(self, run_id: str, ok: bool) -> None:
+    def end(self, run_id: str, ok: bool, killed: bool = False) -> None:
         self.reopen(run_id)
-        self.runs[run_id]["status"] = "FINISHED" if ok else "FAILED"
+        self.runs[run_id]["status"] = "KILLED" if killed else "FINISHED" if ok else "FAILED"
 
-    def register_block(self, run_id: str, export_file: Path, name: str, tags: dict, alias: str) -> str:
-        self.versions[name].append({k: str(v) for k, v in tags.items()})
+    def register_block(
+        self, run_id: str, export_file: Path, name: str, tags: dict, alias: str, description: str = ""
+    ) -> str:
+        self.versions[name].append({k: str(v) for k, v in tags.items()} | {"description": description})
         version = str(len(self.versions[name]))
         self.set_alias(name, alias, version)
         return version
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.aliases[(name, alias)] = version
+
+    def when_delivered(self, fn: Callable[[], None]) -> None:
+        fn()
+
+
+class SystemMetrics(SystemMetricsMonitor):
+    """MLflow's system-metrics monitor with its loop replaced: sample every ``interval`` seconds and
+    hand each point to ``sink(run_id, metrics, step, timestamp)``, with no MLflow call in between
+    (MLflow's loop stops for good at the first failed ``get_run``, losing everything after an outage)."""
+
+    def __init__(self, run_id: str, sink: Callable, tracking_uri: str, resume: bool, interval: float = 5.0):
+        super().__init__(run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=tracking_uri)
+        self.sink = sink
+
+    def monitor(self) -> None:
+        while not self._shutdown_event.is_set():
+            self.collect_metrics()
+            if self._shutdown_event.wait(self.sampling_interval):
+                return
+            self.publish_metrics(self.aggregate_metrics())
+
+    def publish_metrics(self, metrics: dict) -> None:
+        prefix = self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "")
+        self.sink(self._run_id, {prefix + k: v for k, v in metrics.items()}, self._logging_step, time.time())
+        self._logging_step += 1
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+
+    def finish(self) -> None:
+        self._shutdown_event.set()
+        if self._process is not None and self._process is not threading.current_thread():
+            self._process.join()
 
 
 class MlflowTracker:
@@ -122,13 +190,15 @@ class MlflowTracker:
             self.experiment_id = (
                 exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location)
             )
+            self.client.set_experiment_tag(self.experiment_id, *TRAINING_EXPERIMENT)
         except Exception as e:  # noqa: BLE001  (an unknown scheme, a malformed URI, a store that cannot open)
             what = redact(one_line(e))[:300]
             raise TrackingError(
                 f"mlflow.tracking_uri={redact(tracking_uri)}: cannot open the tracking store ({type(e).__name__}: "
                 f"{what}); use sqlite:///<path>.db or http(s)://host:port, or leave it unset"
             ) from None
-        self._monitor: SystemMetricsMonitor | None = None
+        self._monitor: SystemMetrics | None = None
+        self.system_sink: Callable = self.log_metrics  # where system metrics go (QueuedTracker: its queue)
 
     # ---- runs -----------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict, parent_id: str | None = None, system_metrics: bool = False) -> str:
@@ -137,16 +207,19 @@ class MlflowTracker:
             tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         if system_metrics:
-            self.system_metrics(run.info.run_id)
+            self.system_metrics(run.info.run_id, resume=False)
         return run.info.run_id
 
     def reopen(self, run_id: str, system_metrics: bool = False) -> None:
         self.client.update_run(run_id, status="RUNNING")
         if system_metrics:
-            self.system_metrics(run_id)
+            self.system_metrics(run_id, resume=True)
 
-    def system_metrics(self, run_id: str) -> None:
-        self._monitor = SystemMetricsMonitor(run_id, sampling_interval=5, tracking_uri=self.uri, resume_logging=True)
+    def system_metrics(self, run_id: str, resume: bool) -> None:
+        """Sample system metrics into ``run_id`` until it ends (``resume``: after its last logged step)."""
+        if self._monitor is not None:
+            self._monitor.finish()
+        self._monitor = SystemMetrics(run_id, lambda *point: self.system_sink(*point), self.uri, resume)
         self._monitor.start()
 
     def log_params(self, run_id: str, params: dict) -> None:
@@ -158,8 +231,10 @@ class MlflowTracker:
             except MlflowException:  # params are immutable: already logged by the run we resume
                 pass
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        now = int(1000 * time.time())
+    def log_metrics(self, run_id: str, metrics: dict, step: int, timestamp: float | None = None) -> None:
+        """``timestamp`` (seconds; default now): when the point was measured. Sending the same point
+        (same values, step and timestamp) again adds nothing to a SQL store's history."""
+        now = int(1000 * (time.time() if timestamp is None else timestamp))
         ms = [
             mlflow.entities.Metric(k, float(v), now, step)
             for k, v in metrics.items()
@@ -174,25 +249,41 @@ class MlflowTracker:
     def log_artifact(self, run_id: str, local: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local), artifact_path)
 
-    def end(self, run_id: str, ok: bool) -> None:
+    def end(self, run_id: str, ok: bool, killed: bool = False) -> None:
         if self._monitor is not None and self._monitor._run_id == run_id:
             self._monitor.finish()
             self._monitor = None
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+        status = RunStatus.KILLED if killed else RunStatus.FINISHED if ok else RunStatus.FAILED
+        self.client.set_terminated(run_id, RunStatus.to_string(status))
+
+    def when_delivered(self, fn: Callable[[], None]) -> None:
+        fn()
 
     # ---- registry ---------------------------------------------------------------------------
-    def register_block(self, run_id: str, export_file: Path, name: str, tags: dict, alias: str) -> str:
-        """Log ``export_file`` as a pyfunc model of run ``run_id``, register it as a new version
-        of ``name`` with ``tags``, and point ``alias`` at it. Returns the version."""
+    def register_block(
+        self, run_id: str, export_file: Path, name: str, tags: dict, alias: str, description: str = ""
+    ) -> str:
+        """Log ``export_file`` as a pyfunc model of run ``run_id`` (the logged model named ``name``),
+        register it as a new version of ``name`` with ``tags`` and ``description`` (also the registered
+        model's), and point ``alias`` at it. Returns the version. A version
+        ``run_id`` already registered (an attempt cut off by an outage after that point) is reused."""
+        earlier = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if earlier:
+            version = max(earlier, key=lambda v: int(v.version)).version
+            self.client.set_registered_model_alias(name, alias, version)
+            return version
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*type hints.*")  # predict takes a dict of arrays
             info = mlflow.pyfunc.log_model(
-                name="block",
+                name=name,  # the logged model says which block it is
                 python_model=str(PYFUNC_CODE),
                 artifacts={"block": str(export_file)},
                 pip_requirements=["torch", "safetensors", "numpy"],
             )
         mv = mlflow.register_model(info.model_uri, name, tags={k: redact(str(v)) for k, v in tags.items()})
+        if description:
+            self.client.update_model_version(name, mv.version, description=redact(description))
+            self.client.update_registered_model(name, description=redact(description))
         self.client.set_registered_model_alias(name, alias, mv.version)
         return mv.version
 

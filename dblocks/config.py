@@ -224,18 +224,19 @@ class DataConfig:
 class TrainConfig:
     """Per-block optimisation; the end-to-end baseline takes as many steps (matched layer-compute)."""
 
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
+    steps: int = 1500  # optimizer steps per block (and for the end-to-end baseline: matched layer-compute)
+    batch_size: int = 128  # samples per step
+    lr: float = 1e-3  # AdamW learning rate (after the warm-up)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas
     grad_clip: float = 1.0  # design.md 1.1: w(sigma) is ~2.5e5 at sigma_min, always clip
-    warmup_samples: int = 10_000
-    ema_halflife_samples: int = 20_000
+    warmup_samples: int = 10_000  # linear learning-rate warm-up, in samples
+    ema_halflife_samples: int = 20_000  # half-life of the EMA of the weights (what is exported), in samples
     ema_rampup: float = 0.1  # EMA half-life is at most this fraction of the samples seen (EDM)
     loss_weighting: bool = True  # w(sigma) of Eq. 6; false = the unweighted ablation (sigma families)
     unit_steps: int = 50  # optimizer steps per work unit (the unit of dispatch, ack and resume)
     checkpoint_every: int = 500  # steps; rounded up to a whole work unit
+    keep_checkpoints: int = 2  # checkpoints kept per block (the newest + older ones to fall back to); >= 2
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps: resolve_device()
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only): dblocks/precision.py
@@ -247,6 +248,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "unit_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.keep_checkpoints < 2:
+            keep = self.keep_checkpoints
+            raise ConfigError(f"train.keep_checkpoints={keep}: must be >= 2 (to fall back from a corrupt checkpoint)")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: must be > 0")
         if self.grad_clip <= 0:
@@ -323,8 +327,11 @@ class RayConfig:
 @dataclass(frozen=True)
 class RedisConfig:
     url: str | None = None  # None: an embedded redis-server on a free 127.0.0.1 port, data under output_dir/redis
+    reconnect_seconds: float = 300.0  # how long every client retries (with backoff) through one Redis outage
 
     def __post_init__(self) -> None:
+        if not self.reconnect_seconds > 0:
+            raise ConfigError(f"redis.reconnect_seconds={self.reconnect_seconds}: must be > 0 (seconds)")
         problem = None if self.url is None else _redis_url_problem(str(self.url))
         if problem:  # the message never repeats the URL: it may hold a password
             raise ConfigError(
@@ -361,6 +368,11 @@ def _redis_url_problem(url: str) -> str | None:
 class MlflowConfig:
     tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db (artifacts in output_dir/mlartifacts)
     experiment: str | None = None  # None: the run's name
+    wait_seconds: float = 1800.0  # registration and the run's end wait this long for an unreachable MLflow
+
+    def __post_init__(self) -> None:
+        if not self.wait_seconds > 0:
+            raise ConfigError(f"mlflow.wait_seconds={self.wait_seconds}: must be > 0 (seconds)")
 
 
 @dataclass(frozen=True)
@@ -371,7 +383,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class WorkersConfig:
     backend: str = "ray"  # a Backend: ray | inline
-    num_cpus: float = 1.0
+    num_cpus: float = 1.0  # per block actor (Ray); also its torch threads when train.threads=0
     num_gpus: float = 0.0  # per block: 1, fractional (0.5: two blocks share a GPU) or 0 on CPU
     resources: dict = field(default_factory=dict)  # custom Ray resources per block, e.g. {A100: 1}
     external: tuple[int, ...] = ()  # block indices left to `python -m worker block=K run=<id> redis.url=...`
@@ -399,7 +411,7 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "dit-digits"  # run / registered model name
-    seed: int = 0
+    seed: int = 0  # the run's root seed: every block's init, data order and noise derive from it
     output_dir: str = "outputs/dit-digits"  # the Hydra config sets outputs/${name}
     baseline: bool = True  # also train the end-to-end model (B=1, same depth, same steps) and compare
     noise: SigmaLevels = field(default_factory=SigmaLevels)  # EDM's training density and preconditioning

@@ -38,11 +38,11 @@ from .precond import SIGMA_DATA
 class SigmaLevels:
     """ln sigma ~ N(p_mean, p_std^2) truncated to [sigma_min, sigma_max]; EDM's sigma_data."""
 
-    sigma_min: float = SIGMA_MIN
-    sigma_max: float = SIGMA_MAX
-    p_mean: float = P_MEAN
-    p_std: float = P_STD
-    sigma_data: float = SIGMA_DATA
+    sigma_min: float = SIGMA_MIN  # the smallest noise level (EDM; Sec. 3.2)
+    sigma_max: float = SIGMA_MAX  # the largest noise level, where sampling starts
+    p_mean: float = P_MEAN  # mean of ln sigma in training (EDM's log-normal, App. C)
+    p_std: float = P_STD  # std of ln sigma in training; the blocks split its mass equally
+    sigma_data: float = SIGMA_DATA  # the data's std in EDM's preconditioning (c_skip, c_out, c_in)
 
     space: ClassVar[str] = "sigma"
 

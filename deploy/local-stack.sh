@@ -20,9 +20,12 @@
 #   DBLOCKS_RAY_ARGS    extra `ray start` flags, e.g. "--num-cpus=2"
 #   DBLOCKS_STACK_TIMEOUT  seconds to wait for each service (default 60)
 #
-# The repo's .venv is activated when no venv is active: the Ray head must start inside the
-# environment that has dblocks installed, since its workers run with the head's Python.
-# Ray runs with RAY_AUTH_MODE=disabled (offline, loopback only); clients need the same (`env`).
+# The repo's .venv is activated when no venv is active (redis, mlflow and ray come from it);
+# deploy/submit.sh runs the job itself with this checkout's venv, whatever started the head.
+# Ray's auth: the head runs with RAY_AUTH_MODE as set when `up` runs, default token (Ray's token
+# auth, ~/.ray/auth_token, made if missing); `RAY_AUTH_MODE=disabled deploy/local-stack.sh up`
+# turns it off. `env` exports the head's mode for other `ray` commands;
+# deploy/submit.sh asks the head and needs neither.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -212,11 +215,14 @@ up_ray() {
   local extra=(); read -r -a extra <<< "${DBLOCKS_RAY_ARGS:-}"
   # --block: this one process owns the head's daemons (it leads their process group and
   # stops them on SIGTERM), so `down` needs no `ray stop`.
-  RAY_AUTH_MODE=disabled RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 spawn "$RUN/ray.log" \
+  local auth="${RAY_AUTH_MODE:-token}"
+  [[ "$auth" == token ]] && ray get-auth-token --generate > /dev/null
+  echo "$auth" > "$RUN/ray.auth"
+  RAY_AUTH_MODE="$auth" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 spawn "$RUN/ray.log" \
     ray start --head --block --port="$RAY_PORT" --dashboard-host="$HOST" \
     --dashboard-port="$DASH_PORT" --disable-usage-stats "${extra[@]}"
   local pid=$SPAWNED
-  wait_for "ray head $RAY_URL" "$RUN/ray.log" "$pid" http_ok "$RAY_URL/api/version"
+  wait_for "ray head $RAY_URL" "$RUN/ray.log" "$pid" http_ok "$RAY_URL/api/authentication_mode"
   record ray "$pid"
 }
 
@@ -240,7 +246,7 @@ cmd_down() {
   activate_venv
   if (( ray_stop )); then
     say "ray stop: this stops every Ray process of $(id -un) on this machine"
-    RAY_AUTH_MODE=disabled ray stop || true
+    RAY_AUTH_MODE="$(ray_auth)" ray stop || true
     rm -f "$RUN/ray.pid" "$RUN/ray.procs"
   else
     stop_recorded ray 40
@@ -263,14 +269,16 @@ cmd_status() {
   local rc=0
   if redis_ours && redis_ping; then say "redis   up    $REDIS_URL (pid $(redis_pid))"; else say "redis   down"; rc=1; fi
   if ours mlflow && http_ok "$MLFLOW_URL/health"; then say "mlflow  up    $MLFLOW_URL (pid $(cat "$RUN/mlflow.pid"))"; else say "mlflow  down"; rc=1; fi
-  if ours ray && http_ok "$RAY_URL/api/version"; then say "ray     up    $RAY_URL (pid $(cat "$RUN/ray.pid"))"; else say "ray     down"; rc=1; fi
+  if ours ray && http_ok "$RAY_URL/api/authentication_mode"; then say "ray     up    $RAY_URL (pid $(cat "$RUN/ray.pid"))"; else say "ray     down"; rc=1; fi
   return $rc
 }
+
+ray_auth() { cat "$RUN/ray.auth" 2>/dev/null || echo "${RAY_AUTH_MODE:-token}"; }
 
 cmd_env() {
   cat <<EOF
 export RAY_ADDRESS=$RAY_URL
-export RAY_AUTH_MODE=disabled
+export RAY_AUTH_MODE=$(ray_auth)
 export DBLOCKS_REDIS=$REDIS_URL
 export DBLOCKS_MLFLOW=$MLFLOW_URL
 export DBLOCKS_STORAGE=$STACK_DIR/storage

@@ -188,6 +188,37 @@ def test_a_block_placed_after_waiting_gets_its_start_up_time_from_then():
     assert steps_until_done(c) == 1
 
 
+class StallingStore(MemoryStore):
+    """A run store that, while ``stall`` is set, answers a progress read only after a wait (a Redis
+    outage ridden out), during which the controller's clock moves ``stall`` seconds."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock, self.stall = clock, 0.0
+
+    def progress(self, run, job):
+        if self.stall:
+            time.sleep(0.2)  # longer than a heartbeat (lease_seconds / 3 = 0.1 s below)
+            self.clock.advance(self.stall)
+            self.stall = 0.0
+        return super().progress(run, job)
+
+
+def test_time_the_store_was_unreachable_does_not_count_as_a_workers_silence():
+    clock = Clock()
+    store = StallingStore(clock)
+    workers = ScriptedWorkers(store, {B1: ["hang", "ok"]})
+    manifest = make_run(store)
+    policy = FailurePolicy(max_restarts=2, lease_seconds=0.3, startup_seconds=0.3)
+    c = Controller(manifest, store, workers, NullTracker(), policy, list(manifest.jobs), clock=clock)
+    c.start()
+    assert not c.step(timeout=0)  # block 1 reported once ("hang"): now it is silent
+    store.stall = 100.0  # Redis away for 100 s of the controller's time: nobody could report
+    assert not c.step(timeout=0) and workers.stopped == []
+    clock.advance(0.31)  # silent for longer than its lease with the store there: hung
+    assert not c.step(timeout=0) and workers.stopped == [B1]
+
+
 def test_staleness_is_the_silence_since_the_last_heartbeat_or_start():
     policy = FailurePolicy(max_restarts=2, lease_seconds=LEASE, startup_seconds=120)
     training = {"state": "training"}

@@ -42,6 +42,15 @@ def test_a_run_plots_the_held_out_loss_against_sigma_and_logs_it_to_the_parent_r
     (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
     (parent,) = client.search_runs([exp.experiment_id], "tags.`dblocks.run_id` != ''")
     assert "loss_vs_sigma.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    logged = {m.name for m in client.search_logged_models(experiment_ids=[exp.experiment_id])}
+    assert logged == {"debug-block0", "debug-block1"}  # the logged models say which block they are
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs, not GenAI
+    for b in range(2):  # the registry says what each block is and how to load it
+        model = client.get_registered_model(f"debug-block{b}")
+        assert model.description.startswith(f"DiffusionBlocks block {b} of 2: layers [")
+        assert "σ range [" in model.description and "models:/debug-block" in model.description
+        (version,) = client.search_model_versions(f"name = 'debug-block{b}'")
+        assert version.description == model.description
 
 
 def test_previews_log_the_chained_blocks_metrics_and_samples_while_training(tmp_path, monkeypatch):
@@ -50,11 +59,11 @@ def test_previews_log_the_chained_blocks_metrics_and_samples_while_training(tmp_
     workers train one block after the other, so the chain is complete (both blocks at unit 2) once."""
     import sys
 
-    from helpers import TINY_DEBUG_JOB
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from coordinator.__main__ import main
+    from helpers import TINY_DEBUG_JOB
 
     out = tmp_path / "out"
     job = [*TINY_DEBUG_JOB, "train.steps=20", "eval.every=1", "redis.url=memory://preview", f"output_dir={out}"]

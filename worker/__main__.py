@@ -20,17 +20,18 @@ from dblocks.datacard import DataError
 from .config import check_command_line, config_dir, fail, load_command, register
 from .record import JobId
 from .storage import StorageError
-from .store import StoreError
+from .store import RECONNECT_SECONDS, StoreError
 
 USER_ERRORS = (ConfigError, StoreError, StorageError, DataError)
 
 
-def join(block: int, run_id: str, redis_url: str) -> None:
-    """Train block ``block`` of the running job ``run_id`` until its work units are done."""
+def join(block: int, run_id: str, redis_url: str, reconnect_seconds: float = RECONNECT_SECONDS) -> None:
+    """Train block ``block`` of the running job ``run_id`` until its work units are done (riding out a
+    Redis outage of up to ``reconnect_seconds``)."""
     from .block_worker import BlockWorker
     from .store import open_store
 
-    store = open_store(redis_url)
+    store = open_store(redis_url, reconnect_seconds)
     blocks = [job.id.index for job in store.manifest(run_id).jobs_of("blocks")]
     if block not in blocks:
         raise ConfigError(f"block={block}: run {run_id} has blocks {min(blocks)}..{max(blocks)}")
@@ -57,7 +58,7 @@ def _main(cfg: DictConfig) -> None:
                 f"redis.url is missing: pass the run store of run {run_id}, e.g. redis.url=redis://host:6379/0 "
                 "(the coordinator logs it)"
             )
-        join(block, run_id, run_cfg.redis.url)
+        join(block, run_id, run_cfg.redis.url, run_cfg.redis.reconnect_seconds)
     except USER_ERRORS as e:
         fail(e)
 

@@ -3,14 +3,16 @@
 ``BlockWorker(store, run_id, job, consumer).run()``:
 1. reads the run's Manifest from the store and builds its block (only this block: ~1/B of the model)
    on the device of the machine it runs on,
-2. takes the block's lease, loads its checkpoint from storage if there is one,
+2. takes the block's lease, loads its newest checkpoint that reads and matches its content hash
+   (``Checkpoints``: a corrupt one is named in a warning and the previous one is taken; with none,
+   the block starts from scratch) and re-reads from the stream the units acknowledged after it,
 3. claims units left pending by a dead predecessor, then consumes new ones, applying each unit
    exactly once in sequence order (a unit the checkpoint already covers is acknowledged and
    skipped; a gap in the sequence is an error, never silently skipped); it takes one unit ahead,
    whose rows the prefetch thread (worker/prefetch.py) reads from the dataset (``data.path``) while
    the current one trains, so it holds at most two units' rows whatever the dataset's size,
-4. checkpoints atomically every ``train.checkpoint_every`` steps (at unit boundaries) and only
-   then acknowledges the units the checkpoint covers,
+4. checkpoints atomically every ``train.checkpoint_every`` steps (at unit boundaries), keeping the
+   last ``train.keep_checkpoints``, and only then acknowledges the units the checkpoint covers,
 5. reports progress (a heartbeat at least every ``workers.lease_seconds / 3``, from between
    training steps too) and per-unit metrics to the store, and finally exports the EMA weights.
 Ray is applied from outside (``ray.remote(BlockWorker)`` in coordinator/workers.py).
@@ -18,8 +20,11 @@ Ray is applied from outside (``ray.remote(BlockWorker)`` in coordinator/workers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -28,10 +33,12 @@ from pathlib import Path
 
 import psutil
 import torch
+from safetensors import SafetensorError
 
 from dblocks.build import make_trainer
 from dblocks.checkpoint import load_checkpoint, save_checkpoint
 from dblocks.config import RunConfig, resolve_device
+from dblocks.errors import one_line
 from dblocks.families.base import effective_batch
 from dblocks.trainer import BlockTrainer
 from dblocks.units import WorkUnit, apply_unit
@@ -40,8 +47,8 @@ from .config import load_run_config
 from .dataset import open_dataset
 from .prefetch import RowPrefetcher
 from .record import Job, JobId, Manifest
-from .storage import Storage
-from .store import RunStore, StoreError, open_store
+from .storage import CheckpointError, Storage
+from .store import RunStore, StoreError, open_run_store
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,16 @@ def job_dir(run_id: str, job: JobId | str) -> str:
 
 
 def checkpoint_rel(run_id: str, job: JobId | str) -> str:
+    """The block's newest checkpoint (where a previous version kept its only one)."""
     return f"{job_dir(run_id, job)}/checkpoint.safetensors"
+
+
+def history_rel(run_id: str, job: JobId | str, step: int) -> str:
+    """An older checkpoint of the block, kept to fall back to, by its step."""
+    return f"{job_dir(run_id, job)}/checkpoint-{step:09d}.safetensors"
+
+
+_HISTORY = re.compile(r"/checkpoint-(\d+)\.safetensors$")
 
 
 def export_rel(run_id: str, job: JobId | str) -> str:
@@ -94,6 +110,91 @@ def unit_memory(device: torch.device) -> dict[str, float]:
         out["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
     return out
+
+
+def content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """sha256 of a checkpoint's content: each tensor's name, dtype, shape and bytes (in name order),
+    then its metadata as JSON (without this hash)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "content_hash"}, sort_keys=True).encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def read_checkpoint(storage: Storage, rel: str, tmp: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint that reads and matches its recorded content hash (one written before hashes were
+    recorded is taken as it reads), else a CheckpointError naming it. A storage error (the file cannot
+    be fetched) is not a corrupt checkpoint: it propagates and the worker's restart tries again."""
+    local = storage.get_file(rel, Path(tmp) / "ckpt.safetensors")
+    try:
+        tensors, meta = load_checkpoint(local)
+    except (SafetensorError, ValueError) as e:  # truncated, a bad header, metadata that is not JSON
+        raise CheckpointError(f"{storage.uri(rel)}: unreadable ({one_line(e)})") from None
+    recorded = meta.get("content_hash")
+    if recorded is not None and recorded != content_hash(tensors, meta):
+        raise CheckpointError(f"{storage.uri(rel)}: its content does not match its recorded hash {recorded[:19]}...")
+    return tensors, meta
+
+
+class Checkpoints:
+    """A block's last ``keep`` checkpoints in storage: the newest at ``checkpoint_rel``, older ones at
+    ``history_rel``, each with its ``content_hash`` in its metadata. ``save`` keeps the newest as
+    history, writes the new one (atomically), then deletes the oldest beyond ``keep``; ``load`` returns
+    the newest that reads and matches its hash, naming each one it skips in a one-line warning."""
+
+    def __init__(self, storage: Storage, run_id: str, job: JobId, keep: int):
+        self.storage, self.run_id, self.job, self.keep = storage, run_id, job, keep
+        self.newest_step: int | None = None  # the good checkpoint at checkpoint_rel (None: none, or unusable)
+        self.loaded: str | None = None  # the checkpoint ``load`` returned
+
+    def older(self) -> list[tuple[int, str]]:
+        """(step, path) of the kept older checkpoints, newest first."""
+        found = [(_HISTORY.search(rel), rel) for rel in self.storage.files(job_dir(self.run_id, self.job))]
+        return sorted(((int(m.group(1)), rel) for m, rel in found if m), reverse=True)
+
+    def paths(self) -> list[str]:
+        """Every checkpoint of the block, newest first."""
+        newest = checkpoint_rel(self.run_id, self.job)
+        return ([newest] if self.storage.exists(newest) else []) + [rel for _, rel in self.older()]
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The newest usable checkpoint, or None (none written, or none usable: the block starts over)."""
+        skipped = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for rel in self.paths():
+                try:
+                    tensors, meta = read_checkpoint(self.storage, rel, tmp)
+                except CheckpointError as e:
+                    log.warning("%s: skipping checkpoint %s", self.job, e)
+                    skipped.append(self.storage.uri(rel))
+                    continue
+                if rel == checkpoint_rel(self.run_id, self.job):
+                    self.newest_step = meta["step"]
+                self.loaded = rel
+                return tensors, meta
+        if skipped:
+            log.warning(
+                "%s: no usable checkpoint (%s); re-applying its units from unit 0", self.job, ", ".join(skipped)
+            )
+        return None
+
+    def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Write a new newest checkpoint (``meta["step"]``: its step), then prune to ``keep``."""
+        meta = {**meta, "content_hash": content_hash(tensors, meta)}
+        newest, step = checkpoint_rel(self.run_id, self.job), meta["step"]
+        if self.newest_step is not None and self.storage.exists(newest):
+            self.storage.move(newest, history_rel(self.run_id, self.job, self.newest_step))
+        with tempfile.TemporaryDirectory() as tmp:
+            self.storage.put_file(save_checkpoint(Path(tmp) / "ckpt.safetensors", tensors, meta), newest)
+        self.newest_step = step
+        older = self.older()  # those from beyond ``step`` are left from before a fallback: unusable
+        kept = [rel for s, rel in older if s < step][: self.keep - 1]
+        for _, rel in older:
+            if rel not in kept:
+                self.storage.delete(rel)
 
 
 class Heartbeat:
@@ -152,7 +253,7 @@ class BlockWorker:
         return {"trainable": sum(p.numel() for p in params.values()), "block": block}
 
     def run(self) -> dict:
-        store = open_store(self.store) if isinstance(self.store, str) else self.store
+        store = open_run_store(self.store, self.run_id) if isinstance(self.store, str) else self.store
         manifest = store.manifest(self.run_id)
         try:
             info = manifest.job(self.job)
@@ -183,24 +284,22 @@ class BlockWorker:
         trainer = self.trainer = make_trainer(cfg, spec, baseline=job.baseline, device=device)
         net = trainer.net
         applied: list[int] = []
-        ckpt = checkpoint_rel(run, job)
-        with tempfile.TemporaryDirectory() as tmp:
-            if storage.exists(ckpt):
-                tensors, meta = load_checkpoint(storage.get_file(ckpt, Path(tmp) / "ckpt.safetensors"))
-                if meta.get("plan_hash") != info.plan_hash:
-                    theirs = meta.get("plan_hash")
-                    raise StoreError(
-                        f"{storage.uri(ckpt)} was written by plan {theirs}, this run's is {info.plan_hash}"
-                    )
-                trainer.load_state_dict(tensors, meta)
-                applied = meta["units"]
-                log.info("%s: resumed after unit %d (step %d)", job, len(applied) - 1, trainer.step_count)
+        checkpoints = Checkpoints(storage, run, job, cfg.train.keep_checkpoints)
+        loaded = checkpoints.load()
+        if loaded is not None:
+            tensors, meta = loaded
+            if meta.get("plan_hash") != info.plan_hash:  # another run's file: restarting would read it again
+                raise CheckpointError(
+                    f"{storage.uri(checkpoints.loaded)} was written by plan {meta.get('plan_hash')}, "
+                    f"this run's is {info.plan_hash}; move it away or resume the run that wrote it"
+                )
+            trainer.load_state_dict(tensors, meta)
+            applied = meta["units"]
+            log.info("%s: resumed after unit %d (step %d)", job, len(applied) - 1, trainer.step_count)
 
         def checkpoint() -> None:
             tensors, meta = trainer.state_dict()
-            with tempfile.TemporaryDirectory() as tmp:
-                meta = {**meta, "plan_hash": info.plan_hash, "units": applied}
-                storage.put_file(save_checkpoint(Path(tmp) / "ckpt.safetensors", tensors, meta), ckpt)
+            checkpoints.save(tensors, {**meta, "plan_hash": info.plan_hash, "units": applied})
 
         common = dict(
             pid=os.getpid(),
@@ -221,7 +320,7 @@ class BlockWorker:
         edges = cfg.levels.bucket_edges(spec.train_lo, spec.train_hi, SIGMA_BUCKETS)
         unacked: list[str] = []
         last_ckpt_step = trainer.step_count
-        queue = store.claim_pending(run, job, self.consumer)
+        queue = self._claim(store, len(applied), total)
         while len(applied) < total:
             if len(queue) < 2:  # the unit to train and the next one, whose rows are read meanwhile
                 block_ms = 1 if queue else max(1, int(min(ttl / 3, 2) * 1000))
@@ -280,6 +379,22 @@ class BlockWorker:
             "trainable_params": trainable_parameters(net),
             "pid": os.getpid(),
         }
+
+    def _claim(self, store: RunStore, start: int, total: int) -> list[tuple[str, WorkUnit]]:
+        """The units to apply first: every pending one (claimed), and before them those from ``start``
+        that were acknowledged after a checkpoint that turned out unusable (the worker fell back to an
+        older one): read again from the stream, where acknowledged units stay."""
+        run, job = self.run_id, self.job
+        queue = store.claim_pending(run, job, self.consumer)
+        if not any(u.seq >= start for _, u in queue):  # the next unit never delivered, if any
+            queue += store.next_units(run, job, self.consumer, count=1, block_ms=None)
+        first = min((u.seq for _, u in queue if u.seq >= start), default=total)
+        if first == start:
+            return queue
+        # units [start, first) were delivered (units are delivered in order) and are not pending: acknowledged
+        again = [(i, u) for i, u in store.units_from(run, job, start) if u.seq < first]
+        log.warning("%s: re-applying units %d..%d (acknowledged after the unusable checkpoint)", job, start, first - 1)
+        return sorted(queue + again, key=lambda entry: entry[1].seq)
 
     def _apply(
         self, trainer, unit: WorkUnit, rows: tuple[torch.Tensor, ...], edges: torch.Tensor, space: str = "sigma"

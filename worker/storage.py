@@ -24,6 +24,10 @@ class StorageError(RuntimeError):
     pass
 
 
+class CheckpointError(StorageError):
+    """A checkpoint that cannot be used (unreadable, wrong content hash, another plan's): names its URI."""
+
+
 def _why(e: BaseException, limit: int = 240) -> str:
     """An error's message for a one-line report: one line, URL passwords masked, at most ``limit``
     characters (pyarrow's HDFS error lists every libjvm path it tried)."""
@@ -90,3 +94,16 @@ class Storage:
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(self.read_bytes(rel))
         return local
+
+    def files(self, rel_dir: str) -> list[str]:
+        """The files directly in ``rel_dir`` (relative paths, sorted); [] when it does not exist."""
+        selector = pafs.FileSelector(self.path(rel_dir), allow_not_found=True)
+        names = [i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        return sorted(f"{rel_dir.rstrip('/')}/{n}" for n in names)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (replacing it): atomic on a local file system."""
+        self.fs.move(self.path(src), self.path(dst))
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
