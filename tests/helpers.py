@@ -72,3 +72,11 @@ def family_run(name: str, batch_size: int = 8, **train):
             "train": {"batch_size": batch_size, **train},
         }
     )
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient whose tracking *and* registry stores are ``uri``. Without the registry URI
+    MlflowClient takes MLflow's process-global one, which an earlier in-process run leaves set."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)

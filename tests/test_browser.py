@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_DEBUG_JOB
+from helpers import TINY_DEBUG_JOB, mlflow_client
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
@@ -82,7 +82,6 @@ def free_port() -> int:
 def job(tmp_path_factory):
     """The finished job: its output dir and what its MLflow store holds (ids of the experiment, the
     parent run and each block's run)."""
-    from mlflow.tracking import MlflowClient
 
     base = tmp_path_factory.mktemp("browser")
     out = base / "out"
@@ -97,7 +96,7 @@ def job(tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("debug")
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

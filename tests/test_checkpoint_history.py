@@ -22,6 +22,7 @@ from coordinator.data import PrepareConfig, prepare
 from dblocks.checkpoint import load_checkpoint, save_checkpoint
 from dblocks.config import ConfigError
 from dblocks.units import Shard, make_units
+from helpers import mlflow_client
 from worker.block_worker import BlockWorker, Checkpoints, checkpoint_rel, content_hash, export_rel, history_rel
 from worker.config import load_run_config
 from worker.record import JobId
@@ -223,7 +224,6 @@ def test_a_block_that_fails_deterministically_ends_the_run_partial(digits, tmp_p
     and is registered; block 1's MLflow run and the parent end FAILED; metrics.json and last_run say
     "partial"; the error is one line with the resume command. Moving the file away and resuming
     finishes the run."""
-    from mlflow.tracking import MlflowClient
 
     from coordinator.errors import USER_ERRORS
     from coordinator.policy import RunPartial
@@ -275,7 +275,7 @@ def test_a_block_that_fails_deterministically_ends_the_run_partial(digits, tmp_p
     last = (out / "last_run").read_text().splitlines()
     assert last[0] == run_id and last[2].startswith("partial: blocks/1 failed (CheckpointError: ")
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     assert client.get_model_version_by_alias("t-partial-block0", "candidate").tags["run_id"] == run_id
     assert client.search_model_versions("name='t-partial-block1'") == []
     status = {j: client.get_run(manifest.job(j).mlflow_run).info.status for j in (B0, B1)}

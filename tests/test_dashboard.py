@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dblocks.levels import SigmaLevels
+from helpers import mlflow_client
 from worker.block_worker import bucket_losses
 
 
@@ -21,7 +22,6 @@ def test_a_run_plots_the_held_out_loss_against_sigma_and_logs_it_to_the_parent_r
     import json
     import sys
 
-    from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from coordinator.__main__ import main
@@ -38,7 +38,7 @@ def test_a_run_plots_the_held_out_loss_against_sigma_and_logs_it_to_the_parent_r
     assert all(x > 0 for x in curve["loss"])
     with Image.open(out / "loss_vs_sigma.png") as im:
         assert im.width >= 600 and im.height >= 300
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{out / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
     (parent,) = client.search_runs([exp.experiment_id], "tags.`dblocks.run_id` != ''")
     assert "loss_vs_sigma.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -59,7 +59,6 @@ def test_previews_log_the_chained_blocks_metrics_and_samples_while_training(tmp_
     workers train one block after the other, so the chain is complete (both blocks at unit 2) once."""
     import sys
 
-    from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from coordinator.__main__ import main
@@ -72,7 +71,7 @@ def test_previews_log_the_chained_blocks_metrics_and_samples_while_training(tmp_
     grid = out / "samples" / "during" / "blocks" / "unit-2.png"
     with Image.open(grid) as im:  # a row per digit, sample.per_class=2 columns, 4x
         assert im.size == ((2 * 9 + 1) * 4, (10 * 9 + 1) * 4)
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{out / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
     (parent,) = client.search_runs([exp.experiment_id], "tags.`dblocks.run_id` != ''")
     history = client.get_metric_history(parent.info.run_id, "preview/blocks/heldout_loss")

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 from services import ROOT, error_lines
 
-from helpers import TINY_DEBUG_JOB
+from helpers import TINY_DEBUG_JOB, mlflow_client
 from worker.record import JobId
 from worker.store import RedisStore, keys
 
@@ -57,7 +56,7 @@ def test_an_interrupted_run_says_how_to_continue_and_the_command_finishes_it(sig
     command = said[0].removeprefix("interrupted; continue with: ")
     assert f"resume={run}" in command and f"output_dir={out}" in command
 
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{out / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "debug"]
     runs = client.search_runs([exp.experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}  # the parent and both blocks' child runs
