@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-every", type=float, default=None, help="seconds between worker kills (default 12)")
     ap.add_argument("--redis-down", type=float, default=5.0)
     ap.add_argument("--mlflow-down", type=float, default=None, help="seconds (default 60; quick 10)")
-    ap.add_argument("--steps", type=int, default=None, help="train.steps per block (default 3000; quick 600)")
+    ap.add_argument("--steps", type=int, default=None, help="train.steps per block (default 8000; quick 600)")
     ap.add_argument("--seed", type=int, default=0, help="the chaos schedule's RNG")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args.kills = args.kills if args.kills is not None else (2 if q else 10)
     args.kill_every = args.kill_every or (10.0 if q else 12.0)
     args.mlflow_down = args.mlflow_down if args.mlflow_down is not None else (10.0 if q else 60.0)
-    steps = args.steps or (600 if q else 3000)
+    steps = args.steps or (600 if q else 8000)  # long enough for every fault to land mid-training
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory(prefix="chaos") as tmp:
@@ -336,12 +336,21 @@ def main(argv: list[str] | None = None) -> int:
             redis.stop()
 
     survived = chaos["kills"]
+    kinds = Counter(e["event"] for e in chaos["events"])
+    planned = {  # each fault the schedule aims for, and whether it happened before the run ended
+        f"{args.kills} worker kills": kinds["kill worker"] >= args.kills,
+        "redis kill": kinds["kill redis"] == 1,
+        "coordinator kill": kinds["kill coordinator"] == 1,
+        f"mlflow down {args.mlflow_down:g} s": kinds["mlflow restarted"] == 1,
+    }
     report = {
         "command": " ".join(["python bench/chaos.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "quick": q,
         "config": job_config(steps),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_worker": 1},
         "kills_survived": survived,
+        "faults_planned": planned,
+        "every_fault_happened": all(planned.values()),
         "kills_by_kind": dict(Counter(e["event"] for e in chaos["events"] if e["event"].startswith("kill"))),
         "mlflow_down_s": args.mlflow_down,
         "redis_down_s": args.redis_down,
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "chaos.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k not in ("events", "config")}, indent=2))
-    ok = report["lost"] == 0 and report["applied_twice_within_bound"] and all(same.values())
+    ok = report["lost"] == 0 and report["applied_twice_within_bound"] and all(same.values()) and all(planned.values())
     return 0 if ok else 1
 
 

@@ -26,6 +26,7 @@ from .policy import Interrupted, Terminated
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its progress notes repeat ours; warnings still show
     redact_logging()
 
 

@@ -18,23 +18,30 @@ no sample is lost while the server is down.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
 import urllib.request
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Protocol
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
+from dblocks.build import export_arrays
+from dblocks.checkpoint import load_checkpoint
 from dblocks.errors import one_line
+from dblocks.families.base import Array
 from worker.redaction import redact, redact_config
 
 
@@ -272,13 +279,15 @@ class MlflowTracker:
             version = max(earlier, key=lambda v: int(v.version)).version
             self.client.set_registered_model_alias(name, alias, version)
             return version
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints.*")  # predict takes a dict of arrays
+        signature, example = block_signature(export_file)
+        with mlflow.start_run(run_id=run_id), _unsigned(signature is None):
             info = mlflow.pyfunc.log_model(
                 name=name,  # the logged model says which block it is
                 python_model=str(PYFUNC_CODE),
                 artifacts={"block": str(export_file)},
                 pip_requirements=["torch", "safetensors", "numpy"],
+                signature=signature,
+                input_example=example,
             )
         mv = mlflow.register_model(info.model_uri, name, tags={k: redact(str(v)) for k, v in tags.items()})
         if description:
@@ -289,6 +298,45 @@ class MlflowTracker:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def block_signature(export_file: Path) -> tuple[ModelSignature | None, dict | None]:
+    """The registered model's signature (named tensors; -1: any length) and an input example of 2 rows,
+    from the export's ``Family.predict_arrays``; (None, None) for a baseline that is not a denoiser."""
+    arrays = export_arrays(load_checkpoint(export_file)[1])
+    if arrays is None:
+        return None, None
+    inputs, output = arrays
+
+    def spec(a: Array, name: str | None = None) -> TensorSpec:
+        dtype = torch.empty(0, dtype=a.dtype).numpy().dtype
+        return TensorSpec(dtype, tuple(-1 if n is None else n for n in a.shape), name)
+
+    signature = ModelSignature(Schema([spec(a, k) for k, a in inputs.items()]), Schema([spec(output)]))
+    return signature, {k: a.example().numpy() for k, a in inputs.items()}
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _unsigned(on: bool):
+    """A model logged without a signature on purpose (a baseline that is not a denoiser): MLflow's
+    warning that it could not infer one is dropped while it is logged."""
+    drop = _DropRecords("Failed to infer model signature")
+    target = logging.getLogger("mlflow.pyfunc")
+    if on:
+        target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

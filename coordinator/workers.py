@@ -201,9 +201,13 @@ class RayWorkers:
 
 
 class InlineWorkers:
-    """Everything in this process, one block after another, each run to its end inside ``poll``:
-    the same controller without Ray (tests, the standalone single-block worker). A worker runs only
-    inside ``poll``, so between steps none is running and none can go stale."""
+    """Everything in this process, inside ``poll``: the same controller without Ray (tests, the
+    standalone single-block worker). While other jobs wait, each poll gives one job a turn of
+    ``TURN_UNITS`` units, up to its next checkpoint (``BlockWorker(turn_units=...)``), then queues it
+    behind them, so the blocks advance together as they do on a cluster; a job alone runs to its end.
+    A worker runs only inside ``poll``, so between steps none is running and none can go stale."""
+
+    TURN_UNITS = 1
 
     def __init__(self, cfg: RunConfig | None = None, temp_dir: str | None = None):
         self.store: RunStore | None = None
@@ -231,10 +235,15 @@ class InlineWorkers:
         if not self.queue:
             return []
         job = self.queue.pop(0)
+        turn = self.TURN_UNITS if self.queue else 0
         try:
-            return [(job, BlockWorker(self.store, self.run_id, job, consumer=f"inline-{job}").run(), None)]
+            result = BlockWorker(self.store, self.run_id, job, consumer=f"inline-{job}", turn_units=turn).run()
         except Exception as e:
             return [(job, None, e)]
+        if result is None:  # its turn is over: behind the others
+            self.queue.append(job)
+            return []
+        return [(job, result, None)]
 
     def samplers(self, specs: list[tuple[str, str, str]]) -> list[Caller]:
         objs = [Sampler(*s, self.device) for s in specs]

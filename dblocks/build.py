@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .config import RunConfig, model_config
 from .families import get_family
-from .families.base import eval_ranges, plan_for
+from .families.base import Array, eval_ranges, plan_for
 from .levels import Levels, SigmaLevels
 from .plan import BlockSpec
 from .precision import checkpoint_layers, mode_for
@@ -80,6 +80,16 @@ def block_from_export(tensors: dict, meta: dict) -> tuple[nn.Module, BlockSpec]:
     net = family.build(model.resolved(), spec, baseline=meta.get("baseline", False), seed=meta["seed"])
     net.load_state_dict(tensors)
     return net.eval().requires_grad_(False), spec
+
+
+def export_arrays(meta: dict) -> tuple[dict[str, Array], Array] | None:
+    """What an exported block's registered ``predict`` takes and returns (``Family.predict_arrays``);
+    None for an end-to-end baseline that is not a denoiser (used through ``.net``)."""
+    model = model_config(meta["model"])
+    family = get_family(model.family)
+    if meta.get("baseline") and not family.baseline_is_denoiser:
+        return None
+    return family.predict_arrays(model.resolved())
 
 
 def export_levels(meta: dict) -> Levels:

@@ -88,7 +88,7 @@ class DataSource(StrEnum):
 
 class Backend(StrEnum):
     ray = "ray"  # one actor per block
-    inline = "inline"  # in the coordinator's process, one block after another
+    inline = "inline"  # in the coordinator's process, the blocks taking turns (a unit, up to a checkpoint)
 
 
 @dataclass(frozen=True)

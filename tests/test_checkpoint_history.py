@@ -128,6 +128,42 @@ def test_the_last_k_checkpoints_are_kept_each_with_its_content_hash(reference, t
     assert newest["step"] == 5 and [s for s, _ in older] == [4]
 
 
+def test_a_worker_that_takes_turns_stops_at_each_checkpoint_and_ends_bit_identical(digits, reference, tmp_path):
+    """``turn_units=1``: each run() applies one unit, checkpoints and acknowledges it, says "queued" and
+    returns None; the next one resumes there. Four turns apply each unit once and end with the
+    weights of the undisturbed run."""
+    store = MemoryStore()
+    storage, run = new_block_run(digits, tmp_path, store, keep_checkpoints=3)
+    turns = []
+    while (result := BlockWorker(store, run, B1, consumer="w0", turn_units=1).run()) is None:
+        p = store.progress(run, B1)
+        turns.append((p["state"], p["units_done"]))
+    assert turns == [("queued", "1"), ("queued", "2"), ("queued", "3")] and result["units"] == 4
+    assert store.progress(run, B1)["units_applied"] == "4"
+    export, ckpt, _ = finished(storage, run, tmp_path)
+    _, _, (ref_export, ref_ckpt, _), _ = reference
+    assert same(export, ref_export) and same(ckpt, ref_ckpt)
+
+
+def test_inline_workers_give_the_blocks_turns(digits, tmp_path):
+    """Two blocks in one process advance together, one unit each per poll, as on a cluster; a job
+    left alone runs to its end in one poll."""
+    from coordinator.workers import InlineWorkers
+
+    store = MemoryStore()
+    _, run = new_block_run(digits, tmp_path, store)
+    workers = InlineWorkers()
+    workers.attach(store, run)
+    workers.start(B0)
+    workers.start(B1)
+    seen, finished_jobs = [], []
+    while workers.queue:
+        finished_jobs += [job for job, result, error in workers.poll(0) if error is None]
+        seen.append(tuple(int(store.progress(run, j)["units_done"]) for j in (B0, B1)))
+    assert seen == [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (3, 3), (4, 3), (4, 4)]
+    assert finished_jobs == [B0, B1]
+
+
 def truncate(storage: Storage, rel: str) -> None:
     path = storage.path(rel)
     with open(path, "rb+") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,13 +110,34 @@ def test_the_wheel_ships_the_configs(tmp_path):
     assert shipped == {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
 
 
-def test_the_debug_run_end_to_end(tmp_path):
-    """The whole job in one process: embedded redis-server, sqlite MLflow, inline workers, a tiny budget."""
+# A progress line off a terminal (coordinator/progress.py): "<time> blocks/0  samples 32/160  units 1/5 ... <state>".
+PROGRESS_LINE = re.compile(r"^\S+ ((?:blocks|baseline)/\d+)\s+samples \S+\s+units (\S+)\s.* (\w+)$")
+# What a library's warning looks like on the console: the warnings module's "<file>:<line>: XWarning: ...",
+# or a library logger's own "WARNING" record (MLflow's handler prints its level).
+LIBRARY_WARNING = re.compile(r"\w+Warning\b|\bWARNING\b|warnings\.warn")
+
+
+def test_the_debug_run_end_to_end_and_its_console_is_clean(tmp_path):
+    """The whole job in one process: embedded redis-server, sqlite MLflow, inline workers, a tiny
+    budget (4 units a block). Its console, captured off a terminal: no library warning, and a progress
+    line for a block only when its units or state changed."""
     out_dir = tmp_path / "out"
-    result = cli("dblocks-run", *TINY_DEBUG_JOB, f"output_dir={out_dir}", cwd=tmp_path, timeout=300)
+    job = [a for a in TINY_DEBUG_JOB if not a.startswith("train.steps=")] + ["train.steps=40"]
+    result = cli("dblocks-run", *job, f"output_dir={out_dir}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out_dir / "mlflow.db").is_file()
     assert (out_dir / "metrics.json").is_file()
+
+    console = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in console if LIBRARY_WARNING.search(line)], "\n".join(console)
+    shown: dict[str, list[tuple[str, str]]] = {}
+    for line in console:
+        if m := PROGRESS_LINE.match(line):
+            shown.setdefault(m[1], []).append((m[2], m[3]))
+    assert sorted(shown) == ["blocks/0", "blocks/1"], "\n".join(console)
+    for block, changes in shown.items():
+        assert all(a != b for a, b in zip(changes, changes[1:])), (block, changes)  # one line per change
+        assert changes[-1] == ("4/4", "done"), (block, changes)
 
 
 def test_data_prepares_a_built_in_set_and_names_a_bad_input(tmp_path):

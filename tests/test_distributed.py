@@ -159,7 +159,7 @@ def test_finished_blocks_are_registered_tagged_aliased_and_loadable(job, stack):
     weights = exported(stack, "main", run, "blocks/1")
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
     z = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32) * 0.1
-    d = model.predict({"z": z, "sigma": np.float32(0.1), "labels": np.array([1, 2, 3])})
+    d = model.predict({"z": z, "sigma": np.full(3, 0.1, np.float32), "labels": np.array([1, 2, 3])})  # the signature
     assert d.shape == z.shape and np.isfinite(d).all()
 
 

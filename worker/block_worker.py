@@ -15,6 +15,9 @@
    last ``train.keep_checkpoints``, and only then acknowledges the units the checkpoint covers,
 5. reports progress (a heartbeat at least every ``workers.lease_seconds / 3``, from between
    training steps too) and per-unit metrics to the store, and finally exports the EMA weights.
+With ``turn_units=N`` it returns ``None`` after N units, at the first point a checkpoint covers
+them all (state "queued"): inline workers take turns this way, so the blocks of one process
+advance together, as on a cluster (previews from the middle of training, a bar per block moving).
 Ray is applied from outside (``ray.remote(BlockWorker)`` in coordinator/workers.py).
 """
 
@@ -231,9 +234,10 @@ class _BeatingTrainer:
 
 
 class BlockWorker:
-    def __init__(self, store: RunStore | str, run_id: str, job: JobId | str, consumer: str):
-        """``store``: a store object (in this process) or its URL (opened where the worker runs: a Ray actor)."""
-        self.store, self.run_id, self.consumer = store, run_id, consumer
+    def __init__(self, store: RunStore | str, run_id: str, job: JobId | str, consumer: str, turn_units: int = 0):
+        """``store``: a store object (in this process) or its URL (opened where the worker runs: a Ray actor).
+        ``turn_units``: return ``None`` after this many units, once a checkpoint covers them (0: to the end)."""
+        self.store, self.run_id, self.consumer, self.turn_units = store, run_id, consumer, turn_units
         self.job = job if isinstance(job, JobId) else JobId.parse(job)
         self.trainer: BlockTrainer | None = None
         self._reader: RowPrefetcher | None = None
@@ -252,7 +256,7 @@ class BlockWorker:
         block = trainable_parameters(self.trainer.net) if self.trainer else 0
         return {"trainable": sum(p.numel() for p in params.values()), "block": block}
 
-    def run(self) -> dict:
+    def run(self) -> dict | None:
         store = open_run_store(self.store, self.run_id) if isinstance(self.store, str) else self.store
         manifest = store.manifest(self.run_id)
         try:
@@ -273,6 +277,7 @@ class BlockWorker:
         run, job, spec, total = self.run_id, self.job, info.spec, info.units
         cfg = load_run_config(manifest.config)
         ttl = cfg.workers.lease_seconds
+        turn = store.progress(run, job).get("state") == "queued"  # its next turn (inline), or a first start
         store.acquire(run, job, self.consumer, ttl)
         heartbeat = Heartbeat(store, run, job, self.consumer, ttl)
         heartbeat.report(state="starting", consumer=self.consumer)
@@ -295,7 +300,9 @@ class BlockWorker:
                 )
             trainer.load_state_dict(tensors, meta)
             applied = meta["units"]
-            log.info("%s: resumed after unit %d (step %d)", job, len(applied) - 1, trainer.step_count)
+            (log.debug if turn else log.info)(
+                "%s: resumed after unit %d (step %d)", job, len(applied) - 1, trainer.step_count
+            )
 
         def checkpoint() -> None:
             tensors, meta = trainer.state_dict()
@@ -321,6 +328,7 @@ class BlockWorker:
         unacked: list[str] = []
         last_ckpt_step = trainer.step_count
         queue = self._claim(store, len(applied), total)
+        turn_ends = len(applied) + self.turn_units if self.turn_units else total
         while len(applied) < total:
             if len(queue) < 2:  # the unit to train and the next one, whose rows are read meanwhile
                 block_ms = 1 if queue else max(1, int(min(ttl / 3, 2) * 1000))
@@ -361,6 +369,9 @@ class BlockWorker:
                 samples_per_s=rate,
                 step=trainer.step_count,
             )
+            if len(applied) >= turn_ends and not unacked and len(applied) < total:
+                heartbeat.report(state="queued")  # a checkpoint covers every unit applied: the next turn resumes
+                return None
 
         self._export(storage, trainer, cfg, info)
         held = self.held_parameters()["trainable"]  # every trainable parameter alive in this process

@@ -23,7 +23,7 @@ from ..models.ar import AR_SIZES, ARBaseline, ARBlock, ARConfig, build_ar
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
 from ..text import CHAMPION_MAX_BPC, SHAKESPEARE, TextSplit, next_token_pairs, text_split
-from .base import Family, Headline, Row
+from .base import BATCH_SIGMA, Array, Family, Headline, Row
 from .discrete import (
     ChainLogits,
     Decoder,
@@ -219,6 +219,11 @@ class AR(Family):
     build = staticmethod(build_ar)
     block_loss = staticmethod(ar_loss)
     make_denoiser = staticmethod(ar_denoiser)
+
+    def predict_arrays(self, cfg: ARConfig) -> tuple[dict[str, Array], Array]:
+        targets = Array(torch.float32, (None, None, cfg.width))  # the last M positions' noisy targets
+        return {"z": targets, "sigma": BATCH_SIGMA, "context": Array(torch.int64, (None, None))}, targets
+
     baseline_loss = staticmethod(ar_baseline_loss)
 
     def decoders(self, nets, plan, run, *, baseline: bool) -> dict[str, Decoder]:

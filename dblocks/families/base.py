@@ -93,6 +93,23 @@ class Headline:
         return value >= t if self.higher_is_better else value <= t
 
 
+@dataclass(frozen=True)
+class Array:
+    """One array of a registered block's ``predict``: its dtype, its shape (None: any length; the
+    batch comes first) and the value the input example holds (the model signature and example)."""
+
+    dtype: torch.dtype
+    shape: tuple[int | None, ...]
+    fill: float = 0.0
+
+    def example(self, free: int = 2) -> torch.Tensor:
+        """This array with every free axis ``free`` long, filled with ``fill``."""
+        return torch.full(tuple(free if n is None else n for n in self.shape), self.fill, dtype=self.dtype)
+
+
+BATCH_SIGMA = Array(torch.float32, (None,), fill=1.0)  # the noise level of each row: in every block's range
+
+
 class Family:
     """The interface every family implements (subclass and fill in; see DiT for the reference)."""
 
@@ -161,6 +178,11 @@ class Family:
     def denoiser(self, net: nn.Module, levels: Levels):
         """A trained block as the sampler's callable D(z, level, **cond)."""
         return self.make_denoiser(net, levels.sigma_data)
+
+    def predict_arrays(self, cfg) -> tuple[dict[str, Array], Array]:
+        """What a registered block's ``predict`` takes and returns: D(z, sigma, **cond)'s arrays by name
+        (``z``, ``sigma``, then the family's ``cond``) and its output, for network config ``cfg``."""
+        raise NotImplementedError
 
     def evaluate(
         self, nets: Sequence[nn.Module], plan: Sequence[BlockSpec], run: RunConfig, data: SplitSource, *, baseline: bool

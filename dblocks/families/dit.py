@@ -30,7 +30,9 @@ from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA, denoise, loss_weight
 from ..sampling import BlockRouter, classifier_free_guidance, sample_euler
 from .base import (
+    BATCH_SIGMA,
     CHAMPION_MIN_ACCURACY,
+    Array,
     Family,
     Headline,
     Row,
@@ -190,6 +192,10 @@ class DiT(Family):
 
     build = staticmethod(build_dit)
     make_denoiser = staticmethod(block_denoiser)
+
+    def predict_arrays(self, cfg: DiTConfig) -> tuple[dict[str, Array], Array]:
+        image = Array(torch.float32, (None, cfg.channels, cfg.image_size, cfg.image_size))
+        return {"z": image, "sigma": BATCH_SIGMA, "labels": Array(torch.int64, (None,))}, image
 
     def loss(self, cfg: DiTConfig, levels: SigmaLevels, *, baseline: bool, weighted: bool, **_) -> WeightedLoss:
         """Eq. 6 for a block (``weighted=False``: without w(sigma)); the baseline, the B = 1 DiT, keeps

@@ -23,7 +23,7 @@ from ..noise import route
 from ..plan import BlockSpec, plan_boundaries
 from ..sampling import BlockRouter
 from ..text import CHAMPION_MAX_BPC, TextSplit, text_split
-from .base import Family, Headline, Row, WeightedLoss, refuse_batch_mean
+from .base import Array, Family, Headline, Row, WeightedLoss, refuse_batch_mean
 
 
 # ---- the loss (MD4 Eq. 5) -------------------------------------------------------------------------
@@ -187,6 +187,17 @@ class MDM(Family):
 
     def denoiser(self, net: MDMBlock, levels: TimeLevels):
         return mdm_denoiser(net)
+
+    def predict_arrays(self, cfg: MDMConfig) -> tuple[dict[str, Array], Array]:
+        """The reverse step from t (``sigma``) to s < t: token ids in and out (``mdm_denoiser``)."""
+        tokens = Array(torch.int64, (None, None), fill=cfg.mask_id)  # (N, T), all masked in the example
+        return {
+            "z": tokens,
+            "sigma": Array(torch.float32, (None,), fill=0.5),  # t
+            "s": Array(torch.float32, (None,), fill=0.25),
+            "u": Array(torch.float32, (None, None), fill=0.5),  # (N, T) uniform draws
+            "gumbel": Array(torch.float32, (None, None, cfg.vocab_size)),  # (N, T, V) Gumbel noise
+        }, tokens
 
     def evaluate(self, nets, plan, run, data, *, baseline: bool) -> dict:
         split = text_split(data, run.model.resolved().seq_len)

@@ -32,7 +32,7 @@ from ..plan import BlockSpec
 from ..precond import SIGMA_DATA
 from ..text import CHAMPION_MAX_BPC, TextSplit, next_token_pairs, text_split
 from .ar import next_token_ce
-from .base import Family, Headline, Row
+from .base import BATCH_SIGMA, Array, Family, Headline, Row
 from .discrete import (
     ChainLogits,
     Decoder,
@@ -228,6 +228,11 @@ class Recurrent(Family):
     build = staticmethod(build_recurrent)
     block_loss = staticmethod(recurrent_loss)
     make_denoiser = staticmethod(recurrent_denoiser)
+
+    def predict_arrays(self, cfg: RecurrentConfig) -> tuple[dict[str, Array], Array]:
+        state = Array(torch.float32, (None, None, cfg.width))  # z and the prelude's output e: (N, T, width)
+        return {"z": state, "sigma": BATCH_SIGMA, "context": state}, state
+
     baseline_loss = staticmethod(recurrent_baseline_loss)
 
     def decoders(self, nets, plan, run, *, baseline: bool) -> dict[str, Decoder]:

@@ -26,7 +26,7 @@ from ..models.vit import VIT_SIZES, ViTBaseline, ViTBlock, ViTConfig, build_vit
 from ..plan import BlockSpec, plan_boundaries
 from ..precond import SIGMA_DATA
 from ..sampling import BlockRouter
-from .base import CHAMPION_MIN_ACCURACY, Family, Headline, Row
+from .base import BATCH_SIGMA, CHAMPION_MIN_ACCURACY, Array, Family, Headline, Row
 from .discrete import DiscreteDenoiser, chain_logits, discrete_loss
 
 
@@ -138,6 +138,12 @@ class ViT(Family):
     build = staticmethod(build_vit)
     block_loss = staticmethod(vit_loss)
     make_denoiser = staticmethod(vit_denoiser)
+
+    def predict_arrays(self, cfg: ViTConfig) -> tuple[dict[str, Array], Array]:
+        label = Array(torch.float32, (None, cfg.width))  # a point in the label-embedding space
+        images = Array(torch.float32, (None, cfg.channels, cfg.image_size, cfg.image_size))
+        return {"z": label, "sigma": BATCH_SIGMA, "images": images}, label
+
     baseline_loss = staticmethod(vit_baseline_loss)
 
     def data_fields(self, card, run) -> dict:
