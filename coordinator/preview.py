@@ -5,7 +5,7 @@ Each worker exports its EMA weights every ``eval.every`` units (``worker/block_w
 end-to-end baseline) has reached the next multiple of ``eval.every``, the coordinator chains their
 latest exports and evaluates them with the family's own metrics -- on a background thread when
 the blocks train in other processes (Ray), so the controller loop never waits; in this process
-(inline workers) between two blocks, so the preview never shares torch's global RNG with a
+(inline workers) between two turns of the blocks, so the preview never shares torch's global RNG with a
 block being built. The floats go to the parent run as ``preview/<model>/<metric>`` at
 step = that unit, the samples as ``samples/during/<model>/unit-<n>.png`` (images) or ``.txt`` (text)
 in the parent run and under ``<output_dir>/samples/during``.

@@ -49,7 +49,7 @@ def describe(job: object, p: dict) -> dict[str, str]:
     """One block's progress fields, formatted."""
     return {
         "block": str(job),
-        "samples": f"{int(_num(p, 'samples'))}/{int(_num(p, 'samples_total'))}",
+        "samples": f"{int(_num(p, 'samples'))}/{int(_num(p, 'samples_total')) or '-'}",  # total: once it starts
         "units": f"{p.get('units_done', 0)}/{p.get('units_total', '?')}",
         "loss": f"{_num(p, 'loss'):.4f}" if p.get("loss") else "-",
         "rate": f"{_num(p, 'samples_per_s'):.0f}" if p.get("samples_per_s") else "-",

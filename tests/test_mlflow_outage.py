@@ -370,8 +370,8 @@ def check_tracked(server: MlflowServer, name: str, run: str, steps: list[int]) -
 
 
 def test_training_goes_on_through_a_60_s_mlflow_outage_and_every_point_arrives_once(mlflow_server, redis_url, tmp_path):
-    """Stop MLflow (SIGKILL) while block 0 trains, for at least 60 s and until block 1 -- which the
-    inline controller starts only after block 0 -- is training too; then start it again."""
+    """Stop MLflow (SIGKILL) while block 0 trains, for at least 60 s and until block 1 -- whose first
+    inline turn follows block 0's, up to block 0's first checkpoint -- is training too; then start it again."""
     out, store = tmp_path / "outage", RedisStore(redis_url)
     proc = start([*job(1500, 50, 500), *services("outage", mlflow_server, redis_url, out)], out)
     run = the_run(store)
@@ -394,10 +394,11 @@ def test_training_goes_on_through_a_60_s_mlflow_outage_and_every_point_arrives_o
 
 
 def test_a_killed_coordinator_resumed_by_id_sends_each_point_once(mlflow_server, redis_url, tmp_path):
-    """Block 0 finishes and its points reach MLflow; SIGKILL while block 1 trains, before its first
-    checkpoint (so its units are applied again after the resume); ``resume=<run id>``."""
+    """Block 0 finishes and its points reach MLflow; SIGKILL while block 1 trains, before its only
+    checkpoint (so its units are applied again after the resume); ``resume=<run id>``. One checkpoint
+    a block, at its end: an inline turn lasts to a checkpoint, so block 0 trains whole, then block 1."""
     out, store = tmp_path / "resume", RedisStore(redis_url)
-    args = [*job(400, 20, 200), *services("resumed", mlflow_server, redis_url, out)]
+    args = [*job(400, 20, 400), *services("resumed", mlflow_server, redis_url, out)]
     proc = start(args, out)
     run = the_run(store)
     wait_for(lambda: store.cursors(run).get("blocks/0 step") == "400", 150, "block 0's points delivered")
