@@ -375,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "chaos.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k not in ("events", "config")}, indent=2))
-    ok = report["lost"] == 0 and report["applied_twice_within_bound"] and all(same.values()) and all(planned.values())
+    # --quick (CI) reports a fault the short run ended before, without failing: how far a 600-step run
+    # gets in the schedule's seconds depends on the machine; the full run must see every fault.
+    ok = report["lost"] == 0 and report["applied_twice_within_bound"] and all(same.values())
+    ok = ok and (q or all(planned.values()))
     return 0 if ok else 1
 
 
