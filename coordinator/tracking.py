@@ -39,7 +39,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from dblocks.build import export_arrays
-from dblocks.checkpoint import load_checkpoint
+from dblocks.checkpoint import load_meta
 from dblocks.errors import one_line
 from dblocks.families.base import Array
 from worker.redaction import redact, redact_config
@@ -303,7 +303,7 @@ class MlflowTracker:
 def block_signature(export_file: Path) -> tuple[ModelSignature | None, dict | None]:
     """The registered model's signature (named tensors; -1: any length) and an input example of 2 rows,
     from the export's ``Family.predict_arrays``; (None, None) for a baseline that is not a denoiser."""
-    arrays = export_arrays(load_checkpoint(export_file)[1])
+    arrays = export_arrays(load_meta(export_file))
     if arrays is None:
         return None, None
     inputs, output = arrays
@@ -316,20 +316,14 @@ def block_signature(export_file: Path) -> tuple[ModelSignature | None, dict | No
     return signature, {k: a.example().numpy() for k, a in inputs.items()}
 
 
-class _DropRecords(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
 @contextlib.contextmanager
 def _unsigned(on: bool):
     """A model logged without a signature on purpose (a baseline that is not a denoiser): MLflow's
     warning that it could not infer one is dropped while it is logged."""
-    drop = _DropRecords("Failed to infer model signature")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to infer model signature")
+
     target = logging.getLogger("mlflow.pyfunc")
     if on:
         target.addFilter(drop)

@@ -35,11 +35,22 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    path = Path(path)
-    if not path.is_file():
+def _open(path: str | os.PathLike):
+    if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, meta
+    return safe_open(str(path), framework="pt")
+
+
+def _meta(f) -> dict:
+    return json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    with _open(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, _meta(f)
+
+
+def load_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's metadata alone: its header is read, none of its tensors."""
+    with _open(path) as f:
+        return _meta(f)

@@ -7,6 +7,7 @@ library, so the tests check the library against the paper rather than against it
 from __future__ import annotations
 
 import math
+import time
 from statistics import NormalDist
 
 SIGMA_MIN = 0.002
@@ -80,3 +81,15 @@ def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri, registry_uri=uri)
+
+
+def wait_for(cond, timeout: float, what: str):
+    """``cond()``'s first truthy value, polled every 50 ms; an AssertionError naming ``what`` after
+    ``timeout`` seconds. Timeouts are generous bounds, never expectations."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -42,16 +42,18 @@ def digits(tmp_path_factory) -> str:
     return out
 
 
-def config(digits: str, out, **train):
+def config(digits: str, out, name: str = "t-ckpt", sections: dict | None = None, **train):
+    """The debug DiT, B=2, no baseline, on ``digits``: TRAIN with ``train`` overrides, plus ``sections``."""
     return load_run_config(
         {
-            "name": "t-ckpt",
+            "name": name,
             "output_dir": str(out),
             "baseline": False,
             "blocks": {"num": 2},
             "model": {"size": "debug"},
             "data": {"path": digits},
             "train": {**TRAIN, **train},
+            **(sections or {}),
         }
     )
 
@@ -268,21 +270,13 @@ def test_a_block_that_fails_deterministically_ends_the_run_partial(digits, tmp_p
     from worker.store import memory_store
 
     out = tmp_path / "out"
-    cfg = load_run_config(
-        {
-            "name": "t-partial",
-            "output_dir": str(out),
-            "baseline": False,
-            "blocks": {"num": 2},
-            "model": {"size": "debug"},
-            "data": {"path": digits},
-            "redis": {"url": f"memory://partial-{uuid.uuid4().hex[:6]}"},
-            "workers": {"backend": "inline"},
-            "train": {"steps": 10, "unit_steps": 10, "checkpoint_every": 10, "batch_size": 16, "threads": 1},
-            "sample": {"steps": 5, "per_class": 2},
-            "registry": {"champion_threshold": 0},
-        }
-    )
+    sections = {
+        "redis": {"url": f"memory://partial-{uuid.uuid4().hex[:6]}"},
+        "workers": {"backend": "inline"},
+        "sample": {"steps": 5, "per_class": 2},
+        "registry": {"champion_threshold": 0},
+    }
+    cfg = config(digits, out, "t-partial", sections, steps=10)
     uri = default_tracking_uri(cfg)
     storage, store = Storage(str(out / "storage")), memory_store(cfg.redis.url)
     opened, data = open_data(cfg, storage)

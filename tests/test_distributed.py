@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -26,6 +25,7 @@ from dblocks.families import get_family
 from dblocks.levels import SigmaLevels
 from dblocks.models.dit import DiTBlock, dit_config
 from dblocks.plan import make_plan
+from helpers import wait_for
 from worker.block_worker import checkpoint_rel, export_rel
 from worker.record import JobId
 from worker.store import RedisStore, keys
@@ -185,16 +185,6 @@ def test_mlflow_has_the_parent_run_child_runs_metrics_and_artifacts(job, stack):
     assert any(k.startswith("system/") for k in parent.data.metrics)
 
 
-def _wait(cond, timeout=300, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(stack):
     """``uninterrupted(backend)``: (output name, run id) of a LONG run on that backend, run once."""
@@ -216,10 +206,11 @@ def test_killed_worker_restarts_only_its_block_and_loses_or_repeats_no_unit(stac
     before = runs_of(stack)
     args = [sys.executable, "-m", "coordinator", *LONG, *services(stack, "kill")]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = _wait(lambda: next(iter(runs_of(stack) - before), None), what="the run")
-    p = _wait(
+    run = wait_for(lambda: next(iter(runs_of(stack) - before), None), 300, "the run")
+    p = wait_for(
         lambda: (q := progress(stack, run, "blocks/0")).get("state") == "training" and int(q["units_done"]) >= 4 and q,
-        what="block 0 mid-run",
+        300,
+        "block 0 mid-run",
     )
     os.kill(int(p["pid"]), signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
@@ -258,8 +249,8 @@ def test_external_worker_joins_a_run_and_its_block_is_registered_like_the_others
         stderr=subprocess.PIPE,
         text=True,
     )
-    run = _wait(lambda: next(iter(runs_of(stack) - before), None), what="the run")
-    _wait(lambda: progress(stack, run, "blocks/0").get("state") == "done", what="block 0")
+    run = wait_for(lambda: next(iter(runs_of(stack) - before), None), 300, "the run")
+    wait_for(lambda: progress(stack, run, "blocks/0").get("state") == "done", 300, "block 0")
     assert progress(stack, run, "blocks/1")["state"] == "queued"  # nobody took it
     worker = run_cli("worker", "block=1", f"run={run}", f"redis.url={stack['redis']}")
     assert worker.returncode == 0, worker.stderr[-3000:]
@@ -452,8 +443,8 @@ def test_a_killed_coordinator_resumes_its_run_by_id(stack, uninterrupted):
     before = runs_of(stack)
     args = [sys.executable, "-m", "coordinator", *LONG, "workers.backend=inline", *services(stack, "resume")]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = _wait(lambda: next(iter(runs_of(stack) - before), None), what="the run")
-    _wait(lambda: int(progress(stack, run, "blocks/0").get("units_done", 0)) >= 4, what="block 0 mid-run")
+    run = wait_for(lambda: next(iter(runs_of(stack) - before), None), 300, "the run")
+    wait_for(lambda: int(progress(stack, run, "blocks/0").get("units_done", 0)) >= 4, 300, "block 0 mid-run")
     proc.kill()
     proc.wait()
     assert progress(stack, run, "blocks/1").get("state") == "queued"

@@ -9,27 +9,16 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from services import ROOT, error_lines
 
-from helpers import TINY_DEBUG_JOB, mlflow_client
+from helpers import TINY_DEBUG_JOB, mlflow_client, wait_for
 from worker.record import JobId
 from worker.store import RedisStore, keys
 
 LONG = [*TINY_DEBUG_JOB, "train.steps=300", "train.unit_steps=10", "train.checkpoint_every=10", "train.threads=1"]
-
-
-def wait_for(cond, what: str, timeout: float = 300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -44,9 +33,9 @@ def test_an_interrupted_run_says_how_to_continue_and_the_command_finishes_it(sig
         stderr=subprocess.PIPE,
         text=True,
     )
-    run = wait_for(lambda: next(iter(store.r.smembers(keys.runs)), None), "the run")
+    run = wait_for(lambda: next(iter(store.r.smembers(keys.runs)), None), 300, "the run")
     job = JobId("blocks", 0)
-    wait_for(lambda: int(store.progress(run, job).get("units_done", 0)) >= 2, "block 0 mid-run")
+    wait_for(lambda: int(store.progress(run, job).get("units_done", 0)) >= 2, 300, "block 0 mid-run")
     os.kill(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=120)
     said = error_lines(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))

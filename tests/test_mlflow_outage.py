@@ -30,22 +30,12 @@ from coordinator.forwarding import QueuedTracker
 from coordinator.policy import FailurePolicy
 from coordinator.tracking import MlflowTracker, NullTracker, TrackingError
 from dblocks.plan import BlockSpec
-from helpers import TINY_DEBUG_JOB
+from helpers import TINY_DEBUG_JOB, wait_for
 from worker.record import Job, JobId, Manifest
 from worker.store import RedisStore
 
 FAST = (0.01, 0.05)  # the queue's backoff in unit tests (seconds)
 B0, B1 = JobId("blocks", 0), JobId("blocks", 1)
-
-
-def wait_for(cond, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Flaky(NullTracker):
@@ -113,7 +103,7 @@ def test_an_outage_is_retried_and_each_call_delivered_once_in_order(flaky, caplo
     with caplog.at_level(logging.WARNING, logger="coordinator.forwarding"):
         for step in range(20):
             queued.log_metrics("r", {"loss": float(step)}, step)
-        wait_for(lambda: inner.attempts >= 10, what="retries")
+        wait_for(lambda: inner.attempts >= 10, 60, "retries")
         assert points(inner) == [] and not queued.flush(timeout=0)
         inner.down = False
         assert queued.flush(timeout=30)
@@ -145,8 +135,8 @@ def test_registration_and_end_wait_for_mlflow_and_flush_first(flaky, caplog):
     )
     with caplog.at_level(logging.WARNING, logger="coordinator.forwarding"):
         waiter.start()
-        wait_for(lambda: "register m-block0: waiting for MLflow" in caplog.text, what="the waiting line")
-        wait_for(lambda: inner.attempts >= 10, what="retries")
+        wait_for(lambda: "register m-block0: waiting for MLflow" in caplog.text, 60, "the waiting line")
+        wait_for(lambda: inner.attempts >= 10, 60, "retries")
         assert waiter.is_alive() and inner.versions == {}
         inner.down = False
         waiter.join(timeout=30)
@@ -247,7 +237,7 @@ def test_the_cursor_advances_only_once_mlflow_has_the_points(store):
     down.down = True
     dead = QueuedTracker(down, backoff=FAST)
     forward(store, manifest, dead)
-    wait_for(lambda: down.attempts >= 3, what="retries")
+    wait_for(lambda: down.attempts >= 3, 60, "retries")
     assert store.cursors(run) == {}  # queued, not delivered: a coordinator dying now loses nothing
     dead.close(timeout=0)  # that coordinator dies with its queue
 

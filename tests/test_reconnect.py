@@ -19,7 +19,7 @@ from services import ROOT
 
 from coordinator.redis_server import EmbeddedRedis, free_port, stored_password
 from dblocks.units import Shard, make_units
-from helpers import TINY_DEBUG_JOB
+from helpers import TINY_DEBUG_JOB, wait_for
 from worker.record import Job, JobId, Manifest
 from worker.store import RedisStore, StoreError, keys
 
@@ -34,16 +34,6 @@ def _manifest(run: str) -> Manifest:
     spec = make_plan(SigmaLevels(), 2, 6)[0]
     job = Job(B0, spec, "plan-abc", 5, "t-block0", "mlrun-0")
     return Manifest(run, "t", 1.5, {"seed": 0}, "/storage", [Shard("s", 100)], {B0: job}, "sqlite:///x.db", "parent")
-
-
-def _wait(cond, timeout: float = 120, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Server:
@@ -170,7 +160,7 @@ def test_orphan_cleanup_stops_only_the_redis_of_its_own_data_dir(tmp_path):
         left = EmbeddedRedis(mine).start()
         pid = left.proc.pid
         with EmbeddedRedis(mine):
-            _wait(lambda: left.proc.poll() is not None, 30, "the orphan to stop")
+            wait_for(lambda: left.proc.poll() is not None, 30, "the orphan to stop")
             assert left.proc.returncode == 0  # SIGTERM: a clean shutdown
         assert other.proc.poll() is None
         assert pid != other.proc.pid
@@ -192,13 +182,13 @@ def test_sigterm_to_the_coordinator_stops_its_embedded_redis(tmp_path):
     args += [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pidfile = out / "redis" / "redis.pid"
-    pid = _wait(lambda: pidfile.is_file() and pidfile.read_text().strip(), 180, "the embedded redis-server")
+    pid = wait_for(lambda: pidfile.is_file() and pidfile.read_text().strip(), 180, "the embedded redis-server")
     assert _pid_alive(int(pid))
-    _wait(lambda: (out / "last_run").is_file() or proc.poll() is not None, 180, "the run")
+    wait_for(lambda: (out / "last_run").is_file() or proc.poll() is not None, 180, "the run")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    _wait(lambda: not _pid_alive(int(pid)), 30, "the embedded redis-server to stop")
+    wait_for(lambda: not _pid_alive(int(pid)), 30, "the embedded redis-server to stop")
 
 
 # Block workers on a local Ray (one torch thread each), 20 units of 10 steps per block: long enough
@@ -220,7 +210,7 @@ def test_redis_killed_and_restarted_mid_run_the_run_finishes_with_no_block_resta
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
         try:
             look = redis.Redis.from_url(server.url, decode_responses=True)
-            run = _wait(lambda: next(iter(look.smembers(keys.runs)), None) or proc.poll(), 180, "the run")
+            run = wait_for(lambda: next(iter(look.smembers(keys.runs)), None) or proc.poll(), 180, "the run")
             assert isinstance(run, str), (tmp_path / "stderr").read_text()[-3000:]
             jobs = [JobId("blocks", b) for b in range(2)]
 
@@ -229,7 +219,7 @@ def test_redis_killed_and_restarted_mid_run_the_run_finishes_with_no_block_resta
                 units = [int(q.get("units_done", 0)) for q in p.values()]
                 return p if all(q.get("state") == "training" for q in p.values()) and min(units) >= 2 else None
 
-            before = _wait(lambda: training() or proc.poll(), 180, "both blocks training")
+            before = wait_for(lambda: training() or proc.poll(), 180, "both blocks training")
             assert isinstance(before, dict), (tmp_path / "stderr").read_text()[-3000:]
             server.kill()
             time.sleep(3)
