@@ -1,5 +1,6 @@
 """A registered block of every family: logged with a signature and an input example, without a
-warning, and its ``predict`` through MLflow is the family's denoiser D(z, sigma, **cond), bit for bit."""
+warning, and its ``predict`` through MLflow is the family's denoiser D(z, sigma, **cond), bit for bit
+(both sides in this process: the same backend and thread count)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from dblocks.checkpoint import save_checkpoint
 from dblocks.families import FAMILIES
 from dblocks.families.base import plan_for
 from helpers import family_run
-
-torch.set_num_threads(1)  # the two sides are compared bit for bit: same threads
 
 
 def exported_block(name: str, baseline: bool, path) -> tuple[torch.nn.Module, object, dict]:
